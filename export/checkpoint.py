@@ -1,0 +1,99 @@
+"""Checkpoint → pure ``nn.Module`` and its metadata, without importing Lightning."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "LoadedModel", "instantiate_config", "load_inspection_model"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or lacks what is needed to rebuild the model."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what is needed to feed it.
+
+    Attributes:
+        model: the pure ``InspectionModel`` in eval mode.
+        class_names: grade names, index = grade.
+        image_size: square input side used in training (resize target).
+        channels: 1 (grayscale) or 3 (RGB).
+        tta_views: dihedral test-time views used in evaluation.
+        config: the model's ``class_path``/``init_args`` config.
+    """
+
+    model: nn.Module
+    class_names: list[str]
+    image_size: int
+    channels: int
+    tta_views: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(f"cannot import {path!r} named in the checkpoint config: {exc}") from exc
+
+
+def instantiate_config(config: Any, offline_weights: bool = True) -> Any:
+    """Recursively build objects from ``{"class_path": ..., "init_args": {...}}`` dicts.
+
+    With ``offline_weights`` every ``pretrained`` flag is turned off and ``weights_path`` dropped:
+    the checkpoint's own weights replace them, so a station needs neither.
+    """
+    if isinstance(config, dict) and "class_path" in config:
+        args = {k: instantiate_config(v, offline_weights) for k, v in (config.get("init_args") or {}).items()}
+        if offline_weights:
+            if "pretrained" in args:
+                args["pretrained"] = False
+            if "weights_path" in args:
+                args["weights_path"] = None
+        return _import(config["class_path"])(**args)
+    if isinstance(config, dict):
+        return {k: instantiate_config(v, offline_weights) for k, v in config.items()}
+    if isinstance(config, list):
+        return [instantiate_config(v, offline_weights) for v in config]
+    return config
+
+
+def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the trained ``InspectionModel`` from a ``train.py`` checkpoint."""
+    ckpt_path = os.fspath(ckpt_path)
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
+    try:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({exc})") from exc
+    meta = ckpt.get("lineside") if isinstance(ckpt, dict) else None
+    if not meta or not meta.get("model_config"):
+        raise CheckpointError(
+            f"{ckpt_path}: no lineside model config inside; train with `python train.py fit --config ...` "
+            "(the Lightning CLI records the model's class_path/init_args)"
+        )
+    model = instantiate_config(meta["model_config"])
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the configured model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    return LoadedModel(
+        model=model,
+        class_names=list(meta["class_names"]),
+        image_size=int(meta.get("image_size") or 224),
+        channels=int(meta.get("channels") or 1),
+        tta_views=int(meta.get("tta_views") or 1),
+        config=meta["model_config"],
+    )

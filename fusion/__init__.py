@@ -1,0 +1,23 @@
+"""lineside.fusion: fusion transformer, task heads, criterion, postprocessing, the pure
+:class:`InspectionModel`, its LightningModule and DataModule.
+
+Composes ``vision`` (and, later, ``pointcloud``); never imports ``export``.
+"""
+
+from fusion.criterion import GradingCriterion
+from fusion.fusion_transformer import FusionOutput, FusionTransformer
+from fusion.grading_head import GradingHead
+from fusion.model import InspectionModel, InspectionOutput
+from fusion.postprocess import GradePostprocessor, GradePrediction, predict_grades
+
+__all__ = [
+    "FusionOutput",
+    "FusionTransformer",
+    "GradePostprocessor",
+    "GradePrediction",
+    "GradingCriterion",
+    "GradingHead",
+    "InspectionModel",
+    "InspectionOutput",
+    "predict_grades",
+]

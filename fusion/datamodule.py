@@ -1,0 +1,159 @@
+"""InspectionDataModule: built-in ELPV cells, or the user's ImageFolder tree / CSV manifest."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from vision.elpv import ELPV_GRADE_NAMES, elpv_records
+from vision.image_dataset import InspectionImageDataset
+from vision.records import ImageRecord, records_from_image_folder, records_from_manifest
+from vision.splits import block_split, stratified_split
+from vision.transforms import build_eval_transform, build_train_transform
+
+__all__ = ["InspectionDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class InspectionDataModule(L.LightningDataModule):
+    """Images + grades for training, validation, test and prediction.
+
+    With neither ``root`` nor ``manifest`` it serves the built-in ELPV electroluminescence
+    cells (installed with the ``elpv-dataset`` package). ``root`` reads an ImageFolder tree
+    (``root/{train,val,test}/<class>/*``), ``manifest`` a CSV (``path,label[,split][,text]``).
+    Records without a split are split here, seeded: ``split="block"`` keeps contiguous index
+    blocks together (pieces of one module/part never straddle train and test), ``"stratified"``
+    keeps each class's share.
+
+    Args:
+        root: ImageFolder root.
+        manifest: CSV manifest.
+        class_names: class order (grades from least to most severe); default: ELPV's
+            ``ok, mild, moderate, severe`` for the built-in data, else sorted folder/label names.
+        image_size: side of the square model input.
+        channels: 1 (grayscale) or 3 (RGB).
+        batch_size: batch size of every loader.
+        num_workers: decoding workers per loader.
+        augment: train augmentation, ``"inspection"``, ``"light"`` or ``"none"``.
+        split: ``"block"`` or ``"stratified"``, for records without a split.
+        block_size: items per block for the block split (ELPV modules hold 60 cells).
+        val_fraction: share of items (blocks) for validation.
+        test_fraction: share of items (blocks) for test.
+        seed: split seed.
+        limit: keep at most this many items per split (quick runs and tests).
+        predict_split: which split ``predict`` runs on.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        manifest: str | None = None,
+        class_names: list[str] | None = None,
+        image_size: int = 224,
+        channels: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        augment: Literal["inspection", "light", "none"] = "inspection",
+        split: Literal["block", "stratified"] = "block",
+        block_size: int = 60,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        limit: int | None = None,
+        predict_split: Literal["train", "val", "test"] = "test",
+    ) -> None:
+        super().__init__()
+        if root and manifest:
+            raise ValueError("give either data.root (ImageFolder) or data.manifest (CSV), not both")
+        self.save_hyperparameters()
+        self.root, self.manifest = root, manifest
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.augment, self.split = augment, split
+        self.block_size, self.val_fraction, self.test_fraction = block_size, val_fraction, test_fraction
+        self.seed, self.limit, self.predict_split = seed, limit, predict_split
+        self._class_names = class_names
+        self.splits: dict[str, list[ImageRecord]] | None = None
+
+    @property
+    def source(self) -> str:
+        return self.manifest or self.root or "elpv (built-in)"
+
+    def _load(self) -> tuple[list[ImageRecord], list[str]]:
+        if self.manifest:
+            return records_from_manifest(self.manifest, self._class_names)
+        if self.root:
+            return records_from_image_folder(self.root, self._class_names)
+        return elpv_records(), list(self._class_names or ELPV_GRADE_NAMES)
+
+    def prepare_splits(self) -> dict[str, list[ImageRecord]]:
+        """Read the records and split them (idempotent)."""
+        if self.splits is not None:
+            return self.splits
+        records, self.class_names = self._load()
+        if not any(r.split in ("val", "test") for r in records):
+            records = [ImageRecord(r.path, r.label, None, r.text) for r in records]  # only a train split given: split it here
+        fixed = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+        loose = [r for r in records if r.split is None]
+        if loose:
+            labels = [r.label for r in loose]
+            fn = block_split if self.split == "block" else stratified_split
+            kwargs = {"block_size": self.block_size} if self.split == "block" else {}
+            idx = fn(labels, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed, **kwargs)
+            for s in fixed:
+                fixed[s] += [loose[i] for i in idx[s]]
+        if self.limit:
+            fixed = {s: v[: self.limit] for s, v in fixed.items()}
+        if not fixed["train"]:
+            raise ValueError(f"{self.source}: no training images after splitting")
+        self.splits = fixed
+        log.info("data %s: %s", self.source, {s: len(v) for s, v in fixed.items()})
+        return fixed
+
+    @property
+    def num_classes(self) -> int:
+        self.prepare_splits()
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Labelled training images per class."""
+        counts = Counter(r.label for r in self.prepare_splits()["train"] if r.label >= 0)
+        return [counts.get(i, 0) for i in range(self.num_classes)]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_splits()
+
+    def _dataset(self, split: str, train: bool) -> InspectionImageDataset:
+        records = self.prepare_splits()[split]
+        if not records:
+            raise ValueError(f"{self.source}: the {split!r} split is empty")
+        tf = build_train_transform(self.image_size, self.augment) if train else build_eval_transform(self.image_size)
+        return InspectionImageDataset(records, tf, self.channels)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        return DataLoader(
+            self._dataset(split, train),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(self.prepare_splits()[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split)

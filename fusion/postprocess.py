@@ -1,0 +1,66 @@
+"""Grade decoding, with dihedral test-time augmentation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradePrediction", "GradePostprocessor", "dihedral_views", "predict_grades"]
+
+
+class GradePrediction(NamedTuple):
+    """Decoded grades.
+
+    Attributes:
+        probs: (B, K) grade probabilities.
+        grade: (B,) int64 most probable grade.
+        confidence: (B,) its probability.
+    """
+
+    probs: Tensor
+    grade: Tensor
+    confidence: Tensor
+
+
+def dihedral_views(images: Tensor, n_views: int) -> Tensor:
+    """(B, C, H, W) → (V·B, C, H, W): the first ``n_views`` of the 8 rotations/flips (square images)."""
+    if n_views not in (1, 2, 4, 8):
+        raise ValueError(f"tta views must be 1, 2, 4 or 8, got {n_views}")
+    views = []
+    for flip in (False, True):
+        base = images.flip(-1) if flip else images
+        for k in range(4):
+            views.append(torch.rot90(base, k, dims=(-2, -1)))
+    order = [0, 4, 2, 6, 1, 5, 3, 7][:n_views]  # identity, h-flip, 180°, … : most useful first
+    return torch.cat([views[i] for i in order], dim=0)
+
+
+class GradePostprocessor(nn.Module):
+    """Runs the model (with ``tta_views`` dihedral views averaged in probability) and decodes grades.
+
+    Args:
+        model: an :class:`fusion.model.InspectionModel` (anything returning ``grade_logits``).
+        tta_views: 1 (off), 2, 4 or 8 views; needs square inputs when > 1.
+    """
+
+    def __init__(self, model: nn.Module, tta_views: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        self.tta_views = tta_views
+
+    def forward(self, image: Tensor) -> GradePrediction:
+        return predict_grades(self.model, image, self.tta_views)
+
+
+def predict_grades(model: nn.Module, image: Tensor, tta_views: int = 1) -> GradePrediction:
+    """Grade probabilities of ``model`` on (B, C, H, W) images, averaged over ``tta_views`` dihedral views."""
+    b = image.shape[0]
+    if tta_views > 1:
+        logits = model(dihedral_views(image, tta_views)).grade_logits
+        probs = logits.softmax(-1).view(tta_views, b, -1).mean(0)
+    else:
+        probs = model(image).grade_logits.softmax(-1)
+    confidence, grade = probs.max(-1)
+    return GradePrediction(probs, grade, confidence)

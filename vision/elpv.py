@@ -1,0 +1,92 @@
+"""The ELPV solar-cell electroluminescence dataset, read offline from the ``elpv-dataset`` package.
+
+2,624 cells of 300x300 px (8-bit grayscale) cut from 44 modules; each has a defect probability
+p in {0, 1/3, 2/3, 1} given by experts and a cell type (mono/poly). lineside grades them
+``round(3 p)`` → 0 ok, 1 mild, 2 moderate, 3 severe. Licence of the images: CC BY-NC-SA 4.0
+(Buerhop-Lutz et al. 2018; Deitsch et al. 2019, 2021).
+
+Cells of one module are contiguous in the index order, so :func:`vision.splits.block_split`
+keeps whole index blocks together to avoid leaking module conditions into the test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from vision.records import ImageRecord
+
+__all__ = ["ELPV_GRADE_NAMES", "elpv_root", "elpv_records", "write_elpv_manifest"]
+
+ELPV_GRADE_NAMES = ["ok", "mild", "moderate", "severe"]
+_TYPE_TEXT = {"mono": "monocrystalline", "poly": "polycrystalline"}
+
+
+def elpv_root() -> Path:
+    """Folder holding ``labels.csv`` and ``images/`` of the installed ``elpv-dataset`` package."""
+    try:
+        import elpv_dataset
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise RuntimeError("the built-in EL data needs the 'elpv-dataset' package: pip install elpv-dataset") from exc
+    return Path(elpv_dataset.__file__).resolve().parent / "data"
+
+
+def elpv_records() -> list[ImageRecord]:
+    """All 2,624 cells in the dataset's index order, with grade and cell-type text."""
+    labels = elpv_root() / "labels.csv"
+    records = []
+    with open(labels, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3:
+                raise ValueError(f"{labels}:{n}: expected 'path probability type', got {line.strip()!r}")
+            rel, prob, cell_type = parts
+            grade = int(round(3 * float(prob)))
+            records.append(ImageRecord(str(labels.parent / rel), grade, None, _TYPE_TEXT.get(cell_type, cell_type)))
+    return records
+
+
+def write_elpv_manifest(out: str | os.PathLike, indices: list[int] | None = None) -> Path:
+    """Write a ``path,label,text`` CSV manifest (absolute paths) for some or all ELPV cells."""
+    records = elpv_records()
+    chosen = records if indices is None else [records[i] for i in indices]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "text"])
+        for r in chosen:
+            w.writerow([r.path, ELPV_GRADE_NAMES[r.label], r.text])
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m vision.elpv manifest --split test --out cells.csv``: a manifest of one split."""
+    import argparse
+
+    from vision.splits import block_split
+
+    ap = argparse.ArgumentParser(prog="python -m vision.elpv", description="Built-in ELPV data helpers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("manifest", help="write a path,label,text CSV of a block split (as train.py makes it)")
+    m.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
+    m.add_argument("--out", required=True)
+    m.add_argument("--block-size", type=int, default=60)
+    m.add_argument("--val-fraction", type=float, default=0.1)
+    m.add_argument("--test-fraction", type=float, default=0.2)
+    m.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    labels = [r.label for r in elpv_records()]
+    idx = None
+    if a.split != "all":
+        idx = block_split(labels, a.block_size, a.val_fraction, a.test_fraction, a.seed)[a.split]
+    out = write_elpv_manifest(a.out, idx)
+    print(f"wrote {len(idx) if idx is not None else len(labels)} ELPV cells ({a.split}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
