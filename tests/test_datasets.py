@@ -110,3 +110,14 @@ def test_real_xray_castings_only_train_split_is_split_here(shared_data):
     assert all(len(v) > 100 for v in dm.splits.values())
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (8, 1, 32, 32)
+
+
+def test_elpv_manifest_cli_writes_the_test_split(tmp_path):
+    from vision.elpv import _main
+
+    out = tmp_path / "test.csv"
+    assert _main(["manifest", "--split", "test", "--out", str(out)]) == 0
+    recs, classes = records_from_manifest(out, ELPV_GRADE_NAMES)
+    expected = block_split([r.label for r in elpv_records()])["test"]
+    assert len(recs) == len(expected) and recs[0].path == elpv_records()[expected[0]].path
+    assert recs[0].label == elpv_records()[expected[0]].label and recs[0].text

@@ -96,3 +96,20 @@ def test_random_init_warns_when_no_offline_weights(caplog):
     with caplog.at_level(logging.WARNING):
         tiny_encoder(pretrained=True)
     assert "random init" in caplog.text
+
+
+def test_frozen_levels_freeze_the_stem_and_early_stages_only():
+    enc = tiny_encoder(frozen_levels=2)
+    names = [n for n, _ in enc.backbone.named_parameters()]
+    frozen = [n for n, p in enc.backbone.named_parameters() if not p.requires_grad]
+    assert frozen == names[: len(frozen)] and 0 < len(frozen) < len(names)
+    assert frozen[0].startswith("conv_stem") and not any(n.startswith("blocks.2") for n in frozen)
+    enc.train()
+    assert enc._frozen_norms and all(not m.training for m in enc._frozen_norms)
+    assert enc.proj.training
+    out = enc(torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8))
+    out.tokens.sum().backward()
+    assert all(p.grad is None for n, p in enc.backbone.named_parameters() if n in frozen)
+    assert all(p.grad is not None for n, p in enc.backbone.named_parameters() if n not in frozen)
+    with pytest.raises(ValueError, match="frozen_levels"):
+        tiny_encoder(frozen_levels=9)

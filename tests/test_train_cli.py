@@ -37,6 +37,11 @@ def test_fit_then_test_on_the_checkpoint(tiny_config, tmp_path, capsys):
     assert "confusion matrix" in out
     assert list(run.rglob("test_confusion_matrix.csv"))
 
+    main(["predict", "--config", str(tiny_config), "--ckpt_path", str(best)])
+    preds = list(csv.DictReader(open(max(run.rglob("predictions.csv"), key=lambda p: p.stat().st_mtime))))
+    assert len(preds) == 16 and {p["grade_name"] for p in preds} <= {"ok", "mild", "moderate", "severe"}
+    assert all(abs(sum(float(p[f"p_{n}"]) for n in ("ok", "mild", "moderate", "severe")) - 1) < 1e-4 for p in preds)
+
     # the pure model comes back without Lightning and reproduces the module's weights
     loaded = load_inspection_model(best)
     sd = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]

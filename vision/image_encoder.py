@@ -51,6 +51,10 @@ class ImageEncoder(nn.Module):
             ``weights_path``. Without weights the backbone is randomly initialised (with a warning).
         weights_path: a local weights file (timm key names) for the backbone.
         drop_path_rate: stochastic depth in the backbone.
+        frozen_levels: freeze the stem and the backbone up to and including this many feature
+            levels (0 = train all; 3 on EfficientNet = everything up to stride 8). Frozen norm layers
+            stay in eval mode. Backward through the high-resolution early layers dominates CPU
+            training time; they hold generic edge/texture filters (about 1.8x faster at 224 px).
 
     Shapes:
         forward: images (B, C, H, W) uint8/float in [0, 255] → :class:`EncoderOutput` with
@@ -66,13 +70,17 @@ class ImageEncoder(nn.Module):
         pretrained: bool = True,
         weights_path: str | None = None,
         drop_path_rate: float = 0.0,
+        frozen_levels: int = 0,
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         probe = timm.create_model(backbone, pretrained=False, features_only=True)
         n_levels = len(probe.feature_info)
+        level_modules = probe.feature_info.module_name()
         del probe
+        if not 0 <= frozen_levels <= n_levels:
+            raise ValueError(f"frozen_levels must be in 0..{n_levels} for {backbone}, got {frozen_levels}")
         levels = sorted({lvl % n_levels for lvl in feature_levels})
         kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone = timm.create_model(
@@ -80,6 +88,10 @@ class ImageEncoder(nn.Module):
         )
         self.weights_source = self._load_weights(backbone, pretrained, weights_path)
         self.backbone.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU (oneDNN)
+        self.frozen_levels = frozen_levels
+        self._frozen_norms: list[nn.Module] = []
+        if frozen_levels:
+            self._freeze(level_modules[frozen_levels - 1])
         channels = self.backbone.feature_info.channels()
         self.strides = self.backbone.feature_info.reduction()
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in channels)
@@ -90,6 +102,29 @@ class ImageEncoder(nn.Module):
         # Folded: x_norm = x * scale + shift with x in 0..255.
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", (-mean / std).view(1, -1, 1, 1), persistent=False)
+
+    def _freeze(self, last_module: str) -> None:
+        """Freeze parameters in registration (= forward) order up to the end of ``last_module``."""
+        prefix = last_module.replace("_", ".") + "."
+        seen_last = False
+        frozen: set[str] = set()
+        for name, p in self.backbone.named_parameters():
+            inside = name.replace("_", ".").startswith(prefix)
+            if seen_last and not inside:
+                break
+            seen_last = seen_last or inside
+            p.requires_grad_(False)
+            frozen.add(name)
+        for mname, m in self.backbone.named_modules():
+            params = [f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=True)]
+            if isinstance(m, nn.modules.batchnorm._NormBase) and params and all(n in frozen for n in params):
+                self._frozen_norms.append(m)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        for m in self._frozen_norms:  # frozen layers keep their pretrained statistics
+            m.eval()
+        return self
 
     def _load_weights(self, backbone: str, pretrained: bool, weights_path: str | None) -> str:
         if weights_path:
