@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,7 @@ class _RowWriter:
             os.fsync(fh.fileno())
 
 
-def _draw_overlay(path: str, out_dir: Path, grade_name: str, grade: int, confidence: float, channels: int, root: str) -> None:
+def _draw_overlay(path: str, out_dir: Path, grade_name: str, grade: int, confidence: float, root: str) -> None:
     image = Image.fromarray(read_image(path, 3))
     w, h = image.size
     draw = ImageDraw.Draw(image)
@@ -214,8 +215,6 @@ def score(
     progress: bool = True,
 ) -> ScoreSummary:
     """Score inputs with a checkpoint and write/resume ``output`` (.csv or .parquet). See module docstring."""
-    import time
-
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".parquet"):
         raise InputError(f"{output}: output must end in .csv or .parquet")
@@ -282,7 +281,7 @@ def score(
                     rows.append(row)
                     scored += 1
                     if pool is not None:
-                        pending.append(pool.submit(_draw_overlay, path, overlay_dir, loaded.class_names[g], g, float(probs[i, g]), loaded.channels, root))
+                        pending.append(pool.submit(_draw_overlay, path, overlay_dir, loaded.class_names[g], g, float(probs[i, g]), root))
                 writer.append(rows)
                 bar.update(len(rows))
                 bar.set_postfix(errors=errors, refresh=False)
