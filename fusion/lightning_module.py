@@ -157,16 +157,11 @@ class InspectionModule(L.LightningModule):
         backbone = list(self.model.image_encoder.backbone.parameters())
         ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        groups = [{"params": rest, "name": "head"}]
-        if self.backbone_lr_scale > 0:
-            groups.append({"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale})
-        else:
-            for p in backbone:
-                p.requires_grad_(False)
-        optimizer = self.optimizer_factory(groups)
-        for g in optimizer.param_groups:
+        optimizer = self.optimizer_factory(
+            [{"params": rest, "name": "head"}, {"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale}]
+        )
+        for g in optimizer.param_groups:  # schedulers take these as their initial LRs
             g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
-            g["initial_lr"] = g["lr"]
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
