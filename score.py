@@ -8,6 +8,13 @@ appended (and fsync'ed) as each batch finishes, so a crash loses nothing already
 the same command again resumes and skips finished rows. A corrupt, empty or unsupported file gets
 a row with its error and the run goes on. Parquet output is assembled atomically at the end from a
 ``<output>.partial.csv`` journal.
+
+A CSV manifest with a ``label`` column (class name or index) is also an evaluation set: after
+scoring, accuracy, macro-F1, per-grade recall, the confusion matrix and AUROC ok-vs-defective
+are printed and written to ``<output>.metrics.json`` (rows with errors or without label are left out).
+
+    python -m vision.elpv manifest --split test --out elpv_test.csv
+    python score.py --ckpt runs/el_grading_cv/ensemble.ckpt --input elpv_test.csv --output test_scores.csv
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import csv
 import glob
 import io
+import json
 import logging
 import os
 import sys
@@ -38,7 +46,7 @@ from fusion.postprocess import predict_grades  # noqa: E402
 from vision.io import read_image  # noqa: E402
 from vision.transforms import build_eval_transform  # noqa: E402
 
-__all__ = ["ScoreSummary", "collect_inputs", "score", "main"]
+__all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "score", "main"]
 
 log = logging.getLogger("lineside.score")
 
@@ -297,10 +305,76 @@ def score(
     return ScoreSummary(len(paths), len(paths) - len(todo), scored, errors, time.perf_counter() - start, str(output))
 
 
+def _manifest_labels(manifest: Path, class_names: list[str]) -> dict[str, int] | None:
+    """path → grade index from a CSV manifest's ``label`` column; None without labels."""
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "label" not in reader.fieldnames:
+            return None
+        base = manifest.parent.resolve()
+        index = {n: i for i, n in enumerate(class_names)}
+        labels = {}
+        for line, r in enumerate(reader, start=2):
+            text = (r.get("label") or "").strip()
+            if not text or not r.get("path"):
+                continue
+            if text in index:
+                y = index[text]
+            elif text.isdigit() and int(text) < len(class_names):
+                y = int(text)
+            else:
+                raise InputError(f"{manifest}:{line}: label {text!r} is not one of the checkpoint's grades {class_names}")
+            path = Path(r["path"])
+            labels[str(path if path.is_absolute() else base / path)] = y
+    return labels or None
+
+
+def evaluate_scores(output: str | os.PathLike, manifest: str | os.PathLike, class_names: list[str]) -> dict | None:
+    """Metrics of a finished scoring ``output`` against a labelled CSV ``manifest`` (None if unlabelled).
+
+    Writes them to ``<output>.metrics.json`` and returns them.
+    """
+    from fusion.ensemble import grade_metrics
+
+    output = Path(output)
+    labels = _manifest_labels(Path(manifest), class_names)
+    if labels is None:
+        return None
+    if output.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(output).to_pylist()
+    else:
+        with open(output, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    rows = [r for r in rows if not r.get("error") and r["path"] in labels]
+    if not rows:
+        return None
+    probs = np.array([[float(r[f"p_{n}"]) for n in class_names] for r in rows])
+    metrics = grade_metrics(probs, np.array([labels[r["path"]] for r in rows])) | {"class_names": class_names}
+    metrics["missing_or_failed"] = len(labels) - len(rows)
+    with open(output.with_name(output.name + ".metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2)
+    return metrics
+
+
+def _print_metrics(m: dict) -> None:
+    names = m["class_names"]
+    print(f"labelled {m['n']}: acc {100 * m['acc']:.1f}%  macro-F1 {m['macro_f1']:.3f}  AUROC ok-vs-defective {m['auroc_defective']:.3f}")
+    print("recall: " + "  ".join(f"{n} {100 * r:.1f}%" for n, r in zip(names, m["recall"])))
+    width = max(8, *(len(n) for n in names)) + 1
+    print("confusion (rows = true, columns = predicted):")
+    print(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for n, row in zip(names, m["confusion"]):
+        print(f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    if m["missing_or_failed"]:
+        print(f"({m['missing_or_failed']} labelled inputs failed or were not scored and are left out)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Score images with a lineside checkpoint; resumable, one row per input.")
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column")
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or ensemble.ckpt from crossval.py")
+    ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
     ap.add_argument("--output", required=True, help="results .csv or .parquet (resumed if it exists)")
     ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with grade and confidence)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -311,8 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
     try:
-        s = score(a.ckpt, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, a.tta, a.retry_errors, not a.no_progress)
+        loaded = load_inspection_model(a.ckpt)
+        if labelled:  # bad labels are reported before any scoring
+            labelled = _manifest_labels(Path(a.input), loaded.class_names) is not None
+        s = score(loaded, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, a.tta, a.retry_errors, not a.no_progress)
     except (InputError, RuntimeError, FileNotFoundError) as exc:
         print(f"score.py: error: {exc}", file=sys.stderr)
         return 2
@@ -320,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         f"scored {s.scored}, errors {s.errors}, skipped (already done) {s.skipped} of {s.total} inputs "
         f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s) → {s.output}"
     )
+    metrics = evaluate_scores(a.output, a.input, loaded.class_names) if labelled else None
+    if metrics:
+        _print_metrics(metrics)
     return 0
 
 

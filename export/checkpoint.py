@@ -22,7 +22,7 @@ class LoadedModel:
     """A model ready for inference and what is needed to feed it.
 
     Attributes:
-        model: the pure ``InspectionModel`` in eval mode.
+        model: the pure ``InspectionModel`` (or ``InspectionEnsemble``) in eval mode.
         class_names: grade names, index = grade.
         image_size: square input side used in training (resize target).
         channels: 1 (grayscale) or 3 (RGB).
@@ -68,7 +68,8 @@ def instantiate_config(config: Any, offline_weights: bool = True) -> Any:
 
 
 def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the trained ``InspectionModel`` from a ``train.py`` checkpoint."""
+    """Rebuild the trained model from a ``train.py`` checkpoint (an ``InspectionModel``) or a
+    ``crossval.py`` ensemble checkpoint (an :class:`fusion.ensemble.InspectionEnsemble`)."""
     ckpt_path = os.fspath(ckpt_path)
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
@@ -82,7 +83,14 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
             f"{ckpt_path}: no lineside model config inside; train with `python train.py fit --config ...` "
             "(the Lightning CLI records the model's class_path/init_args)"
         )
-    model = instantiate_config(meta["model_config"])
+    ensemble = meta.get("ensemble")
+    if ensemble:  # cross-validation members averaged, with decision offsets (crossval.py)
+        from fusion.ensemble import InspectionEnsemble
+
+        members = [instantiate_config(meta["model_config"]) for _ in range(int(ensemble["members"]))]
+        model = InspectionEnsemble(members, ensemble.get("grade_bias"))
+    else:
+        model = instantiate_config(meta["model_config"])
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from vision.elpv import ELPV_GRADE_NAMES, elpv_records
 from vision.image_dataset import InspectionImageDataset
 from vision.records import ImageRecord, records_from_image_folder, records_from_manifest
-from vision.splits import block_split, stratified_split
+from vision.splits import block_split, fold_split, stratified_split
 from vision.transforms import build_eval_transform, build_train_transform
 
 __all__ = ["InspectionDataModule"]
@@ -47,6 +47,10 @@ class InspectionDataModule(L.LightningDataModule):
         seed: split seed.
         limit: keep at most this many items per split (quick runs and tests).
         predict_split: which split ``predict`` runs on.
+        fold: cross-validation fold: train and val are pooled (in index order) and re-split
+            into ``num_folds`` folds (by blocks with ``split="block"``); val = this fold. The
+            test split is untouched. ``None`` (default): no cross-validation.
+        num_folds: number of cross-validation folds.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class InspectionDataModule(L.LightningDataModule):
         seed: int = 0,
         limit: int | None = None,
         predict_split: Literal["train", "val", "test"] = "test",
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
         super().__init__()
         if root and manifest:
@@ -77,6 +83,7 @@ class InspectionDataModule(L.LightningDataModule):
         self.augment, self.split = augment, split
         self.block_size, self.val_fraction, self.test_fraction = block_size, val_fraction, test_fraction
         self.seed, self.limit, self.predict_split = seed, limit, predict_split
+        self.fold, self.num_folds = fold, num_folds
         self._class_names = class_names
         self.splits: dict[str, list[ImageRecord]] | None = None
 
@@ -107,6 +114,13 @@ class InspectionDataModule(L.LightningDataModule):
             idx = fn(labels, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed, **kwargs)
             for s in fixed:
                 fixed[s] += [loose[i] for i in idx[s]]
+        if self.fold is not None:
+            # pool train + val back in index order (whole blocks stay contiguous), then re-split
+            pos = {id(r): i for i, r in enumerate(loose)}
+            pool = sorted(fixed["train"] + fixed["val"], key=lambda r: pos.get(id(r), -1))
+            block = self.block_size if self.split == "block" else None
+            idx = fold_split([r.label for r in pool], self.num_folds, self.fold, block, self.seed)
+            fixed["train"], fixed["val"] = [pool[i] for i in idx["train"]], [pool[i] for i in idx["val"]]
         if self.limit:
             fixed = {s: v[: self.limit] for s, v in fixed.items()}
         if not fixed["train"]:

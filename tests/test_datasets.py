@@ -7,7 +7,7 @@ from vision.elpv import ELPV_GRADE_NAMES, elpv_records
 from vision.image_dataset import InspectionImageDataset
 from vision.io import ImageReadError
 from vision.records import DatasetFormatError, records_from_image_folder, records_from_manifest
-from vision.splits import block_split, stratified_split
+from vision.splits import block_split, fold_split, stratified_split
 from vision.transforms import build_eval_transform, build_train_transform
 
 
@@ -99,6 +99,38 @@ def test_datamodule_builtin_elpv_block_split():
     assert dm.class_names == ELPV_GRADE_NAMES
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sum(sizes.values()) == 2624 and sizes["test"] > 400
+
+
+def test_fold_split_partitions_blocks_and_strata():
+    labels = [r.label for r in elpv_records()][:2100]
+    folds = [fold_split(labels, 5, k, block_size=60, seed=0) for k in range(5)]
+    vals = [f["val"] for f in folds]
+    assert sorted(i for v in vals for i in v) == list(range(2100))  # every item held out exactly once
+    for f in folds:
+        assert sorted(f["train"] + f["val"]) == list(range(2100))
+        assert not ({i // 60 for i in f["train"]} & {i // 60 for i in f["val"]})  # no block straddles
+    y = np.array(labels)
+    for v in vals:  # blocks dealt by defect rate: every fold sees every grade
+        assert (np.bincount(y[v], minlength=4) > 0).all()
+    strat = [fold_split([0] * 50 + [1] * 10, 5, k) for k in range(5)]
+    assert [sum(1 for i in f["val"] if i >= 50) for f in strat] == [2] * 5
+    with pytest.raises(ValueError, match="fold must be"):
+        fold_split(labels, 5, 5)
+    with pytest.raises(ValueError, match="too few"):
+        fold_split(labels[:120], 5, 0, block_size=60)
+
+
+def test_datamodule_fold_pools_train_and_val_and_keeps_test():
+    base = InspectionDataModule(image_size=32, num_workers=0).prepare_splits()
+    pool = {r.path for s in ("train", "val") for r in base[s]}
+    held = []
+    for k in range(3):
+        s = InspectionDataModule(image_size=32, num_workers=0, fold=k, num_folds=3).prepare_splits()
+        assert [r.path for r in s["test"]] == [r.path for r in base["test"]]
+        assert {r.path for r in s["train"]} | {r.path for r in s["val"]} == pool
+        assert not ({r.path for r in s["train"]} & {r.path for r in s["val"]})
+        held += [r.path for r in s["val"]]
+    assert sorted(held) == sorted(pool)
 
 
 @pytest.mark.needs_shared

@@ -102,3 +102,28 @@ def test_cli_errors_are_clear(tiny_ckpt, tmp_path, capsys):
     assert "no input files" in capsys.readouterr().err
     assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--input", str(tmp_path), "--output", str(tmp_path / "r.csv")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_labelled_manifest_is_evaluated(tiny_ckpt, folder, tmp_path, capsys):
+    import json
+
+    names = ["ok", "mild", "moderate", "severe"]
+    manifest = tmp_path / "labelled.csv"
+    files = [f"in/cell{i}.png" for i in range(7)] + ["in/corrupt.png"]
+    manifest.write_text("path,label\n" + "".join(f"{f},{names[i % 4]}\n" for i, f in enumerate(files)))
+    out = tmp_path / "eval.csv"
+    assert main(["--ckpt", str(tiny_ckpt), "--input", str(manifest), "--output", str(out), "--num-workers", "0", "--no-progress"]) == 0
+    rows = _rows(out)
+    good = [r for r in rows if not r["error"]]
+    assert len(rows) == 8 and len(good) == 7
+    truth = {str(tmp_path / f): i % 4 for i, f in enumerate(files)}
+    metrics = json.loads((tmp_path / "eval.csv.metrics.json").read_text())
+    assert metrics["n"] == 7 and metrics["missing_or_failed"] == 1
+    assert metrics["acc"] == pytest.approx(sum(int(r["grade"]) == truth[r["path"]] for r in good) / 7)
+    assert sum(map(sum, metrics["confusion"])) == 7
+    text = capsys.readouterr().out
+    assert "labelled 7: acc" in text and "confusion" in text
+
+    manifest.write_text("path,label\nin/cell0.png,cracked\n")
+    assert main(["--ckpt", str(tiny_ckpt), "--input", str(manifest), "--output", str(tmp_path / "e2.csv"), "--num-workers", "0", "--no-progress"]) == 2
+    assert "'cracked' is not one of" in capsys.readouterr().err

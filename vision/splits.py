@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["stratified_split", "block_split"]
+__all__ = ["stratified_split", "block_split", "fold_split"]
 
 
 def _sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -59,3 +59,37 @@ def block_split(
     train = [b for b in range(len(blocks)) if b not in test and b not in val]
     take = lambda ids: sorted(int(i) for b in ids for i in blocks[b])  # noqa: E731
     return {"train": take(train), "val": take(val), "test": take(test)}
+
+
+def fold_split(
+    labels: Sequence[int], num_folds: int, fold: int, block_size: int | None = None, seed: int = 0
+) -> dict[str, list[int]]:
+    """Cross-validation fold ``fold`` of ``num_folds``: ``{"train": [...], "val": [...]}`` indices.
+
+    With ``block_size`` whole contiguous blocks go to one fold (as in :func:`block_split`: blocks
+    ranked by mean label, each run of ``num_folds`` similar blocks dealt one per fold, seeded);
+    without, items are dealt per label (stratified). Every index is in exactly one fold's val.
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
+    labels = np.asarray(labels)
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if block_size:
+        units = [np.arange(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+        score = np.array([labels[u].mean() for u in units]) + rng.uniform(0, 1e-6, len(units))
+        order = np.argsort(score)
+    else:
+        units = [np.array([i]) for i in range(n)]
+        order = np.lexsort((rng.uniform(size=n), labels))  # by label, shuffled within a label
+    if len(units) < num_folds:
+        raise ValueError(f"{len(units)} {'blocks' if block_size else 'items'} are too few for {num_folds} folds")
+    assign = np.empty(len(units), dtype=int)
+    for start in range(0, len(units), num_folds):
+        group = order[start : start + num_folds]
+        assign[group] = rng.permutation(num_folds)[: len(group)]
+    val = sorted(int(i) for u in np.flatnonzero(assign == fold) for i in units[u])
+    vset = set(val)
+    return {"train": [i for i in range(n) if i not in vset], "val": val}

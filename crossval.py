@@ -1,0 +1,194 @@
+"""lineside cross-validation: k models on block folds → out-of-fold decision offsets → one ensemble.
+
+    python crossval.py --config configs/el_grading.yaml --folds 5 --out runs/el_grading_cv
+    python crossval.py --config configs/el_grading.yaml --data.manifest cells.csv --out runs/my_cv
+    python score.py --ckpt runs/el_grading_cv/ensemble.ckpt --input cells/ --output grades.csv
+
+Train + val of the config's data are pooled and cut into ``--folds`` folds (whole index blocks
+with ``data.split: block``); the test split is never touched until the end. For each fold a model
+is trained on the other folds (the config's recipe, last epoch, no selection on the held-out fold)
+and predicts its held-out fold (out-of-fold, OOF) and the test split. The OOF predictions of all
+folds give an honest cross-validated score and the per-grade decision offsets (fitted to
+``--objective``); the k models averaged, with those offsets, are written as ``ensemble.ckpt``
+(``score.py`` and ``export`` read it like any checkpoint) and scored once on the test split.
+
+Finished folds are kept (``fold<k>/fold.ckpt`` + ``fold<k>/predictions.npz``): a re-run resumes.
+Any other ``--section.key value`` argument overrides the config as in ``train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["main", "run_crossval"]
+
+log = logging.getLogger("lineside.crossval")
+
+
+def _fold_cli(config_args: list[str], fold: int, folds: int, fold_dir: Path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from fusion.datamodule import InspectionDataModule
+    from fusion.lightning_module import InspectionModule
+
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(fold_dir), "name": "logs"}}
+    args = [
+        *config_args,
+        "--data.fold", str(fold), "--data.num_folds", str(folds),
+        "--trainer.default_root_dir", str(fold_dir),
+        "--trainer.logger", json.dumps(logger),
+        "--trainer.callbacks", "[]",  # no best-on-held-out-fold selection, no prediction files
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.num_sanity_val_steps", "0",
+    ]
+    return LightningCLI(InspectionModule, InspectionDataModule, run=False, args=args, save_config_callback=None)
+
+
+def _predict(trainer, module, dm, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    records = dm.prepare_splits()[split]
+    if not records:
+        return np.zeros((0, module.model.num_grades)), np.zeros(0, dtype=int), []
+    dm.predict_split = split
+    out = trainer.predict(module, datamodule=dm)
+    probs = torch.cat([o["probs"].float() for o in out]).numpy()
+    return probs, np.array([r.label for r in records]), [str(r.path) for r in records]
+
+
+def _run_fold(config_args: list[str], fold: int, folds: int, out: Path) -> dict:
+    fold_dir = out / f"fold{fold}"
+    npz = fold_dir / "predictions.npz"
+    if npz.is_file() and (fold_dir / "fold.ckpt").is_file():
+        log.info("fold %d: done before, reusing %s", fold, npz)
+        return dict(np.load(npz, allow_pickle=False))
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cli = _fold_cli(config_args, fold, folds, fold_dir)
+    trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(fold_dir / "fold.ckpt")
+    oof = _predict(trainer, module, dm, "val")
+    test = _predict(trainer, module, dm, "test")
+    res = {
+        "oof_probs": oof[0], "oof_labels": oof[1], "oof_paths": np.array(oof[2]),
+        "test_probs": test[0], "test_labels": test[1], "test_paths": np.array(test[2]),
+        "class_names": np.array(module.class_names), "seconds": np.array(time.time() - t0),
+    }
+    np.savez(fold_dir / "predictions.tmp.npz", **res)
+    os.replace(fold_dir / "predictions.tmp.npz", npz)  # a fold counts as done only when complete
+    log.info("fold %d: %d OOF / %d test predictions in %.0f s", fold, len(oof[1]), len(test[1]), time.time() - t0)
+    return res
+
+
+def _write_ensemble(out: Path, folds: int, bias: np.ndarray, objective: str) -> Path:
+    state, meta = {}, None
+    for k in range(folds):
+        ckpt = torch.load(out / f"fold{k}" / "fold.ckpt", map_location="cpu", weights_only=False)
+        meta = meta or dict(ckpt["lineside"])
+        for name, v in ckpt["state_dict"].items():
+            if name.startswith("model."):
+                state[f"model.members.{k}.{name[len('model.'):]}"] = v
+    state["model.grade_bias"] = torch.tensor(bias, dtype=torch.float32)
+    meta["ensemble"] = {"members": folds, "grade_bias": [float(b) for b in bias], "objective": objective}
+    path = out / "ensemble.ckpt"
+    torch.save({"state_dict": state, "lineside": meta}, path)
+    return path
+
+
+def _fmt(name: str, m: dict, class_names: list[str]) -> str:
+    rec = " / ".join(f"{100 * r:.1f}" for r in m["recall"])
+    return f"| {name} | {m['n']} | {100 * m['acc']:.1f} | {m['macro_f1']:.3f} | {m['auroc_defective']:.3f} | {rec} |"
+
+
+def run_crossval(config_args: list[str], folds: int, out: Path, objective: str = "macro_f1") -> dict:
+    """Run (or resume) all folds, fit the offsets, write ``ensemble.ckpt`` and ``report.{json,md}``."""
+    from fusion.ensemble import fit_grade_bias, grade_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = [_run_fold(config_args, k, folds, out) for k in range(folds)]
+    names = [str(n) for n in results[0]["class_names"]]
+    oof_p = np.concatenate([r["oof_probs"] for r in results])
+    oof_y = np.concatenate([r["oof_labels"] for r in results])
+    bias = fit_grade_bias(oof_p, oof_y, objective)
+    # honest CV estimate of the offset rule: each fold decided with offsets fitted on the others
+    nested_pred = []
+    for k, r in enumerate(results):
+        others = [j for j in range(folds) if j != k]
+        b = fit_grade_bias(np.concatenate([results[j]["oof_probs"] for j in others]), np.concatenate([results[j]["oof_labels"] for j in others]), objective)
+        nested_pred.append(np.log(np.clip(r["oof_probs"], 1e-12, None)) + b)
+    nested = np.exp(np.concatenate(nested_pred))
+    nested /= nested.sum(1, keepdims=True)
+    rows = {
+        "cv_oof": grade_metrics(oof_p, oof_y),
+        "cv_oof_offsets_nested": grade_metrics(nested, oof_y) | {"auroc_defective": grade_metrics(oof_p, oof_y)["auroc_defective"]},
+    }
+    has_test = len(results[0]["test_labels"]) > 0 and (results[0]["test_labels"] >= 0).any()
+    if has_test:
+        test_y = results[0]["test_labels"]
+        singles = [grade_metrics(r["test_probs"], test_y) for r in results]
+        ens_p = np.mean([r["test_probs"] for r in results], axis=0)
+        rows["test_single_mean"] = {
+            key: float(np.mean([s[key] for s in singles])) for key in ("acc", "macro_f1", "auroc_defective")
+        } | {"n": singles[0]["n"], "recall": np.mean([s["recall"] for s in singles], 0).tolist(),
+             "acc_std": float(np.std([s["acc"] for s in singles])), "macro_f1_std": float(np.std([s["macro_f1"] for s in singles]))}
+        rows["test_ensemble"] = grade_metrics(ens_p, test_y)
+        rows["test_ensemble_offsets"] = grade_metrics(ens_p, test_y, bias)
+    ckpt = _write_ensemble(out, folds, bias, objective)
+    report = {"folds": folds, "objective": objective, "class_names": names, "grade_bias": bias.tolist(),
+              "seconds": float(sum(float(r["seconds"]) for r in results)), "ensemble_ckpt": str(ckpt), "metrics": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    labels = {
+        "cv_oof": "cross-validated, out-of-fold, argmax",
+        "cv_oof_offsets_nested": f"cross-validated, out-of-fold, offsets ({objective}, nested)",
+        "test_single_mean": f"test, single fold model (mean of {folds})",
+        "test_ensemble": f"test, {folds}-model ensemble, argmax",
+        "test_ensemble_offsets": f"test, {folds}-model ensemble + offsets (= ensemble.ckpt)",
+    }
+    lines = [
+        f"decision offsets (log-prob, {objective} on OOF): " + ", ".join(f"{n} {b:+.2f}" for n, b in zip(names, bias)),
+        "",
+        f"| evaluation | n | acc % | macro-F1 | AUROC ok-vs-defective | recall {' / '.join(names)} % |",
+        "|---|---|---|---|---|---|",
+        *[_fmt(labels[k], m, names) for k, m in rows.items()],
+    ]
+    if has_test:
+        cm = rows["test_ensemble_offsets"]["confusion"]
+        lines += ["", "test confusion (ensemble.ckpt; rows = true, columns = predicted): " + "  ".join(f"{n}: {row}" for n, row in zip(names, cm))]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="lineside cross-validation: fold models, out-of-fold decision offsets, one ensemble checkpoint",
+        epilog="Other arguments (--data.manifest FILE, --trainer.max_epochs N, ...) override the config as in train.py.",
+    )
+    ap.add_argument("--config", required=True, action="append", help="training config (as for train.py); repeatable")
+    ap.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (fold models, predictions, ensemble.ckpt, report)")
+    ap.add_argument("--objective", default="macro_f1", choices=["macro_f1", "acc", "mean"], help="what the decision offsets maximise")
+    a, rest = ap.parse_known_args(argv)
+    if a.folds < 2:
+        ap.error("--folds must be >= 2")
+    config_args = [x for c in a.config for x in ("--config", c)] + rest
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_crossval(config_args, a.folds, a.out, a.objective)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
