@@ -87,7 +87,8 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
     if ensemble:  # cross-validation members averaged, with decision offsets (crossval.py)
         from fusion.ensemble import InspectionEnsemble
 
-        members = [instantiate_config(meta["model_config"]) for _ in range(int(ensemble["members"]))]
+        configs = ensemble.get("member_configs") or [meta["model_config"]] * int(ensemble["members"])
+        members = [instantiate_config(c) for c in configs]
         model = InspectionEnsemble(members, ensemble.get("grade_bias"))
     else:
         model = instantiate_config(meta["model_config"])

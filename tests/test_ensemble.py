@@ -66,7 +66,7 @@ def test_crossval_folds_ensemble_checkpoint_and_resume(tiny_config, tmp_path, ca
     out = tmp_path / "cv"
     assert crossval_main(["--config", str(tiny_config), "--folds", "2", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) >= {"cv_oof", "cv_oof_offsets_nested", "test_ensemble", "test_ensemble_offsets"}
+    assert set(report["metrics"]) >= {"cv_oof", "cv_oof_offsets_macro_f1", "test_ensemble", "test_ensemble_offsets"}
     assert report["metrics"]["cv_oof"]["n"] == 32  # 2 folds x 16 held-out cells (tiny limit)
     assert "| cross-validated, out-of-fold, argmax | 32 |" in capsys.readouterr().out
 
@@ -83,3 +83,25 @@ def test_crossval_folds_ensemble_checkpoint_and_resume(tiny_config, tmp_path, ca
     stamp = (out / "fold0" / "fold.ckpt").stat().st_mtime_ns
     crossval_main(["--config", str(tiny_config), "--folds", "2", "--out", str(out)])
     assert (out / "fold0" / "fold.ckpt").stat().st_mtime_ns == stamp  # finished folds are not retrained
+
+
+def test_crossval_partial_folds_and_ensembles_with_another_recipe(tiny_config, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--config", str(tiny_config), "--folds", "2"]
+    crossval_main([*args, "--out", str(a), "--run-folds", "1"])
+    assert "1 of 2 folds done ([1])" in capsys.readouterr().out and not (a / "ensemble.ckpt").exists()
+    crossval_main([*args, "--out", str(a)])  # fold 1 reused, fold 0 trained, ensemble assembled
+    crossval_main([*args, "--out", str(b), "--model.model.init_args.image_encoder.init_args.line_enhance", "3", "--with", str(a)])
+    report = json.loads((b / "report.json").read_text())
+    assert report["runs"] == [str(b), str(a)]
+    ckpt = torch.load(b / "ensemble.ckpt", map_location="cpu", weights_only=False)
+    configs = ckpt["lineside"]["ensemble"]["member_configs"]
+    assert len(configs) == 4 and configs[0]["init_args"]["image_encoder"]["init_args"]["line_enhance"] == 3
+    loaded = load_inspection_model(b / "ensemble.ckpt")
+    assert [m.image_encoder.line_enhance for m in loaded.model.members] == [3, 3, 0, 0]
+    fold = lambda run, k: np.load(run / f"fold{k}" / "predictions.npz")  # noqa: E731
+    probs = np.concatenate([(fold(a, k)["oof_probs"] + fold(b, k)["oof_probs"]) / 2 for k in range(2)])
+    labels = np.concatenate([fold(a, k)["oof_labels"] for k in range(2)])
+    expected = grade_metrics(probs, labels)  # OOF of the two recipes averaged
+    got = report["metrics"]["cv_oof"]
+    assert got["confusion"] == expected["confusion"] and got["macro_f1"] == pytest.approx(expected["macro_f1"])

@@ -33,9 +33,23 @@ def test_encoder_rejects_wrong_channels():
         tiny_encoder(in_chans=1)(torch.zeros(1, 3, 64, 64))
 
 
-def test_every_trainable_parameter_gets_a_gradient():
+def test_line_enhancement_deepens_thin_dark_lines_only():
+    enc = tiny_encoder(line_enhance=5)
+    img = torch.full((1, 1, 32, 32), 200.0)
+    img[..., 10, :] = 100.0  # a 1-px dark crack
+    img[..., 20:28, :] = 100.0  # a dark band wider than the kernel
+    x = (enc.normalize(img) - enc.shift) / enc.scale  # back to 0..255 units
+    assert torch.allclose(x[..., 10, :], torch.full_like(x[..., 10, :], 0.0))  # 100 - 1 * (200 - 100)
+    assert torch.allclose(x[..., 22:26, :], img[..., 22:26, :])  # wide band and background untouched
+    assert torch.allclose(x[..., 2, :], img[..., 2, :])
+    with pytest.raises(ValueError, match="odd kernel"):
+        tiny_encoder(line_enhance=4)
+
+
+@pytest.mark.parametrize("line_enhance", [0, 5])
+def test_every_trainable_parameter_gets_a_gradient(line_enhance):
     model = InspectionModel(
-        tiny_encoder(feature_levels=(-2, -1)), FusionTransformer(32, depth=1, num_heads=2), GradingHead(32, num_grades=4)
+        tiny_encoder(feature_levels=(-2, -1), line_enhance=line_enhance), FusionTransformer(32, depth=1, num_heads=2), GradingHead(32, num_grades=4)
     )
     crit = GradingCriterion()
     out = model(torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8))
