@@ -164,7 +164,7 @@ def _nested_offsets(results: list[dict], objective: str) -> dict:
 
 
 def run_crossval(
-    config_args: list[str], folds: int, out: Path, objective: str = "macro_f1", run_folds: list[int] | None = None,
+    config_args: list[str], folds: int, out: Path, objective: str = "mean", run_folds: list[int] | None = None,
     with_runs: list[Path] | None = None,
 ) -> dict:
     """Run (or resume) the folds, fit the offsets, write ``ensemble.ckpt`` and ``report.{json,md}``.
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-folds", type=int, nargs="+", default=None, metavar="K", help="train only these folds (others: elsewhere or later)")
     ap.add_argument("--with", dest="with_runs", type=Path, nargs="+", default=None, metavar="DIR",
                     help="finished crossval folders (same data/folds, another recipe) to ensemble with this one")
-    ap.add_argument("--objective", default="macro_f1", choices=list(OBJECTIVES), help="what the decision offsets maximise (mean = average of macro-F1 and accuracy)")
+    ap.add_argument("--objective", default="mean", choices=list(OBJECTIVES), help="what the decision offsets maximise (mean = average of macro-F1 and accuracy)")
     a, rest = ap.parse_known_args(argv)
     if a.folds < 2:
         ap.error("--folds must be >= 2")
