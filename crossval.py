@@ -138,7 +138,7 @@ def _average_runs(runs: list[list[dict]], names: list[Path]) -> list[dict]:
     return merged
 
 
-def _fmt(name: str, m: dict, class_names: list[str]) -> str:
+def _fmt(name: str, m: dict) -> str:
     rec = " / ".join(f"{100 * r:.1f}" for r in m["recall"])
     return f"| {name} | {m['n']} | {100 * m['acc']:.1f} | {m['macro_f1']:.3f} | {m['auroc_defective']:.3f} | {rec} |"
 
@@ -177,18 +177,20 @@ def run_crossval(
     from fusion.ensemble import fit_grade_bias, grade_metrics
 
     out.mkdir(parents=True, exist_ok=True)
-    for k in run_folds if run_folds is not None else range(folds):
-        _run_fold(config_args, k, folds, out)
-    done = [k for k in range(folds) if (out / f"fold{k}" / "predictions.npz").is_file() and (out / f"fold{k}" / "fold.ckpt").is_file()]
+    found = {k: _run_fold(config_args, k, folds, out) for k in (run_folds if run_folds is not None else range(folds))}
+    for k in range(folds):  # folds finished by earlier or other runs into the same folder
+        if k not in found and (out / f"fold{k}" / "predictions.npz").is_file() and (out / f"fold{k}" / "fold.ckpt").is_file():
+            found[k] = dict(np.load(out / f"fold{k}" / "predictions.npz"))
+    done = sorted(found)
     if len(done) < folds:
-        part = [dict(np.load(out / f"fold{k}" / "predictions.npz")) for k in done]
+        part = [found[k] for k in done]
         m = grade_metrics(np.concatenate([r["oof_probs"] for r in part]), np.concatenate([r["oof_labels"] for r in part])) if part else None
         print(f"{len(done)} of {folds} folds done ({done}); the ensemble is assembled when all are.")
         if m:
             print(f"OOF so far: n {m['n']}, acc {100 * m['acc']:.1f}%, macro-F1 {m['macro_f1']:.3f}, AUROC {m['auroc_defective']:.3f}, "
                   "recall " + " / ".join(f"{100 * r:.1f}" for r in m["recall"]))
         return {"folds_done": done, "partial_oof": m}
-    results = [_run_fold(config_args, k, folds, out) for k in range(folds)]
+    results = [found[k] for k in range(folds)]
     runs = [out, *(with_runs or [])]
     if with_runs:
         results = _average_runs([results] + [_load_run(r, folds) for r in with_runs], runs)
@@ -227,7 +229,7 @@ def run_crossval(
         "",
         f"| evaluation | n | acc % | macro-F1 | AUROC ok-vs-defective | recall {' / '.join(names)} % |",
         "|---|---|---|---|---|---|",
-        *[_fmt(labels[k], m, names) for k, m in rows.items()],
+        *[_fmt(labels[k], m) for k, m in rows.items()],
     ]
     if has_test:
         cm = rows["test_ensemble_offsets"]["confusion"]

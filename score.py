@@ -42,8 +42,10 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
+from fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
 from fusion.postprocess import predict_grades  # noqa: E402
 from vision.io import read_image  # noqa: E402
+from vision.records import DatasetFormatError, records_from_manifest  # noqa: E402
 from vision.transforms import build_eval_transform  # noqa: E402
 
 __all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "score", "main"]
@@ -307,25 +309,11 @@ def score(
 
 def _manifest_labels(manifest: Path, class_names: list[str]) -> dict[str, int] | None:
     """path → grade index from a CSV manifest's ``label`` column; None without labels."""
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "label" not in reader.fieldnames:
-            return None
-        base = manifest.parent.resolve()
-        index = {n: i for i, n in enumerate(class_names)}
-        labels = {}
-        for line, r in enumerate(reader, start=2):
-            text = (r.get("label") or "").strip()
-            if not text or not r.get("path"):
-                continue
-            if text in index:
-                y = index[text]
-            elif text.isdigit() and int(text) < len(class_names):
-                y = int(text)
-            else:
-                raise InputError(f"{manifest}:{line}: label {text!r} is not one of the checkpoint's grades {class_names}")
-            path = Path(r["path"])
-            labels[str(path if path.is_absolute() else base / path)] = y
+    try:
+        records, _ = records_from_manifest(manifest, class_names)
+    except DatasetFormatError as exc:
+        raise InputError(str(exc)) from exc
+    labels = {r.path: r.label for r in records if r.label >= 0}
     return labels or None
 
 
@@ -334,8 +322,6 @@ def evaluate_scores(output: str | os.PathLike, manifest: str | os.PathLike, clas
 
     Writes them to ``<output>.metrics.json`` and returns them.
     """
-    from fusion.ensemble import grade_metrics
-
     output = Path(output)
     labels = _manifest_labels(Path(manifest), class_names)
     if labels is None:
@@ -362,11 +348,7 @@ def _print_metrics(m: dict) -> None:
     names = m["class_names"]
     print(f"labelled {m['n']}: acc {100 * m['acc']:.1f}%  macro-F1 {m['macro_f1']:.3f}  AUROC ok-vs-defective {m['auroc_defective']:.3f}")
     print("recall: " + "  ".join(f"{n} {100 * r:.1f}%" for n, r in zip(names, m["recall"])))
-    width = max(8, *(len(n) for n in names)) + 1
-    print("confusion (rows = true, columns = predicted):")
-    print(" " * width + "".join(f"{n:>{width}}" for n in names))
-    for n, row in zip(names, m["confusion"]):
-        print(f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    print(format_confusion(names, m["confusion"]))
     if m["missing_or_failed"]:
         print(f"({m['missing_or_failed']} labelled inputs failed or were not scored and are left out)")
 

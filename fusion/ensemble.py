@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fusion.model import InspectionOutput
 
-__all__ = ["InspectionEnsemble", "fit_grade_bias", "grade_metrics"]
+__all__ = ["InspectionEnsemble", "fit_grade_bias", "format_confusion", "grade_metrics"]
 
 Objective = Literal["macro_f1", "acc", "mean"]
 
@@ -85,8 +85,26 @@ def grade_metrics(probs: np.ndarray, labels: np.ndarray, bias: Sequence[float] |
         "f1": f1.tolist(),
         "recall": recall.tolist(),
         "confusion": cm.tolist(),
-        "auroc_defective": _auroc(1.0 - probs[:, 0], labels > 0),
+        "auroc_defective": _auroc_defective(probs, labels),
     }
+
+
+def format_confusion(class_names: Sequence[str], cm: Sequence[Sequence[int]]) -> str:
+    """A confusion matrix as aligned text (rows = true grade, columns = predicted)."""
+    width = max(8, *(len(n) for n in class_names)) + 1
+    lines = ["confusion matrix (rows = true grade, columns = predicted):", " " * width + "".join(f"{n:>{width}}" for n in class_names)]
+    lines += [f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row) for n, row in zip(class_names, cm)]
+    return "\n".join(lines)
+
+
+def _auroc_defective(probs: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC of ``1 - p(grade 0)`` for defective (grade > 0) vs ok; NaN when one side is absent."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    positive = labels > 0
+    if positive.all() or not positive.any():
+        return float("nan")
+    return float(binary_auroc(torch.from_numpy(1.0 - probs[:, 0]), torch.from_numpy(positive).long()))
 
 
 def fit_grade_bias(
@@ -137,21 +155,3 @@ def _score(logp: np.ndarray, labels: np.ndarray, bias: np.ndarray, objective: Ob
     if objective == "mean":
         return 0.5 * (f1 + acc)
     raise ValueError(f"unknown objective {objective!r}: use macro_f1, acc or mean")
-
-
-def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Rank-based (Mann-Whitney) AUROC with tie correction; NaN when one class is absent."""
-    pos, neg = int(positive.sum()), int((~positive).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    s = score[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))

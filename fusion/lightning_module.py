@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 )
 
 from fusion.criterion import GradingCriterion
+from fusion.ensemble import format_confusion
 from fusion.model import InspectionModel
 from fusion.postprocess import predict_grades
 
@@ -135,11 +136,8 @@ class InspectionModule(L.LightningModule):
             m.reset()
 
     def _report_confusion(self, cm: list[list[int]]) -> None:
-        width = max(8, *(len(n) for n in self.class_names)) + 1
-        lines = ["confusion matrix (rows = true grade, columns = predicted):", " " * width + "".join(f"{n:>{width}}" for n in self.class_names)]
-        lines += [f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row) for n, row in zip(self.class_names, cm)]
         if self.trainer.is_global_zero:
-            print("\n".join(lines))
+            print(format_confusion(self.class_names, cm))
             log_dir = self.trainer.log_dir
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
