@@ -46,6 +46,22 @@ def test_line_enhancement_deepens_thin_dark_lines_only():
         tiny_encoder(line_enhance=4)
 
 
+def test_per_image_normalisation_removes_exposure_and_gain():
+    enc = tiny_encoder(in_chans=1, input_norm="image")
+    g = torch.Generator().manual_seed(0)
+    cell = torch.rand(2, 1, 64, 64, generator=g) * 100.0 + 50.0
+    faint = cell * 0.4 + 10.0  # the same cell, dimmer and offset (another module's exposure)
+    x, y = enc.normalize(cell), enc.normalize(faint)
+    assert torch.allclose(x.mean(dim=(2, 3)), torch.zeros(2, 1), atol=1e-4)
+    assert torch.allclose(x, y, rtol=0.1, atol=0.01)  # equal up to the +1 stabiliser in the denominator
+    dataset = tiny_encoder(in_chans=1)
+    assert not torch.allclose(dataset.normalize(cell), dataset.normalize(faint), atol=0.05)
+    flat = enc.normalize(torch.full((1, 1, 16, 16), 255, dtype=torch.uint8))
+    assert torch.isfinite(flat).all() and flat.abs().max() == 0
+    with pytest.raises(ValueError, match="input_norm"):
+        tiny_encoder(input_norm="minmax")
+
+
 @pytest.mark.parametrize("line_enhance", [0, 5])
 def test_every_trainable_parameter_gets_a_gradient(line_enhance):
     model = InspectionModel(

@@ -60,6 +60,10 @@ class ImageEncoder(nn.Module):
             applied before the backbone, 0 = off: ``x - g * (closing_k(x) - x)`` deepens dark
             structures thinner than ``k`` (cell cracks, weld cracks) against textured
             backgrounds; the gain ``g`` (init 1) is learned. Useful when the early stages are frozen.
+        input_norm: ``"dataset"`` (fixed ImageNet mean/std, the pretrained convention) or
+            ``"image"`` (each image standardised by its own mean and standard deviation per
+            channel, so exposure and sensor gain that vary between modules, stations or
+            cameras are removed before the backbone).
 
     Shapes:
         forward: images (B, C, H, W) uint8/float in [0, 255] → :class:`EncoderOutput` with
@@ -77,8 +81,12 @@ class ImageEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         frozen_levels: int = 0,
         line_enhance: int = 0,
+        input_norm: str = "dataset",
     ) -> None:
         super().__init__()
+        if input_norm not in ("dataset", "image"):
+            raise ValueError(f"input_norm must be 'dataset' or 'image', got {input_norm!r}")
+        self.input_norm = input_norm
         if line_enhance < 0 or (line_enhance and line_enhance % 2 == 0):
             raise ValueError(f"line_enhance must be 0 (off) or an odd kernel size, got {line_enhance}")
         self.line_enhance = line_enhance
@@ -162,6 +170,9 @@ class ImageEncoder(nn.Module):
             k, p = self.line_enhance, self.line_enhance // 2
             closed = -F.max_pool2d(-F.max_pool2d(x, k, 1, p), k, 1, p)  # grey closing: dilate, then erode
             x = x - self.line_gain * (closed - x)
+        if self.input_norm == "image":
+            std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+            return ((x - mean) / (std + 1.0)).contiguous(memory_format=torch.channels_last)  # +1: flat images stay finite
         return (x * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> EncoderOutput:
