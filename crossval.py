@@ -67,12 +67,22 @@ def _predict(trainer, module, dm, split: str) -> tuple[np.ndarray, np.ndarray, l
     return probs, np.array([r.label for r in records]), [str(r.path) for r in records]
 
 
-def _run_fold(config_args: list[str], fold: int, folds: int, out: Path) -> dict:
+def _finished_fold(out: Path, fold: int) -> dict | None:
+    """The saved predictions of a fold whose checkpoint and predictions are both complete, else None."""
     fold_dir = out / f"fold{fold}"
     npz = fold_dir / "predictions.npz"
     if npz.is_file() and (fold_dir / "fold.ckpt").is_file():
-        log.info("fold %d: done before, reusing %s", fold, npz)
         return dict(np.load(npz, allow_pickle=False))
+    return None
+
+
+def _run_fold(config_args: list[str], fold: int, folds: int, out: Path) -> dict:
+    done = _finished_fold(out, fold)
+    if done is not None:
+        log.info("fold %d: done before, reusing %s", fold, out / f"fold{fold}")
+        return done
+    fold_dir = out / f"fold{fold}"
+    npz = fold_dir / "predictions.npz"
     fold_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cli = _fold_cli(config_args, fold, folds, fold_dir)
@@ -179,8 +189,8 @@ def run_crossval(
     out.mkdir(parents=True, exist_ok=True)
     found = {k: _run_fold(config_args, k, folds, out) for k in (run_folds if run_folds is not None else range(folds))}
     for k in range(folds):  # folds finished by earlier or other runs into the same folder
-        if k not in found and (out / f"fold{k}" / "predictions.npz").is_file() and (out / f"fold{k}" / "fold.ckpt").is_file():
-            found[k] = dict(np.load(out / f"fold{k}" / "predictions.npz"))
+        if k not in found and (res := _finished_fold(out, k)) is not None:
+            found[k] = res
     done = sorted(found)
     if len(done) < folds:
         part = [found[k] for k in done]
