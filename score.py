@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import logging
@@ -44,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
 from fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
 from fusion.postprocess import predict_grades  # noqa: E402
-from vision.io import read_image  # noqa: E402
+from vision.io import InputError, collect_inputs, read_image  # noqa: E402
 from vision.records import DatasetFormatError, records_from_manifest  # noqa: E402
 from vision.transforms import build_eval_transform  # noqa: E402
 
@@ -54,31 +53,6 @@ log = logging.getLogger("lineside.score")
 
 # severity colours for overlays: ok → severe
 _COLOURS = [(40, 180, 60), (230, 200, 30), (240, 130, 20), (220, 30, 30)]
-
-
-class InputError(ValueError):
-    """The --input spec matched nothing or could not be read."""
-
-
-def collect_inputs(spec: str) -> list[str]:
-    """Expand DIR (recursively, every non-hidden file), a GLOB, or a CSV manifest (``path`` column)."""
-    p = Path(spec)
-    if p.is_file() and p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise InputError(f"{p}: manifest needs a 'path' column; got {reader.fieldnames}")
-            base = p.parent.resolve()
-            paths = [str(Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"]) for r in reader if r.get("path")]
-    elif p.is_dir():
-        paths = sorted(
-            str(f) for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-        )
-    else:
-        paths = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-    if not paths:
-        raise InputError(f"{spec}: no input files found (expected a folder, a glob or a CSV manifest)")
-    return paths
 
 
 class _ScoringDataset(Dataset):

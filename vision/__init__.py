@@ -2,12 +2,14 @@
 
 Image IO with clear errors, albumentations pipelines for inspection images, datasets
 (built-in ELPV electroluminescence cells, ImageFolder trees, CSV manifests), split
-helpers and the timm-based :class:`ImageEncoder`.
+helpers, the timm-based :class:`ImageEncoder` and :class:`PatchMemory` (anomaly scores and
+heatmaps from good images only).
 
 This package never imports ``fusion``, ``export`` or ``pointcloud``.
 """
 
 from vision.image_encoder import EncoderOutput, ImageEncoder
 from vision.io import ImageReadError, read_image
+from vision.patch_memory import AnomalyOutput, PatchMemory, PatchMemoryError
 
-__all__ = ["EncoderOutput", "ImageEncoder", "ImageReadError", "read_image"]
+__all__ = ["AnomalyOutput", "EncoderOutput", "ImageEncoder", "ImageReadError", "PatchMemory", "PatchMemoryError", "read_image"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "is_image_file"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "InputError", "collect_inputs", "read_image", "is_image_file"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
@@ -88,3 +90,28 @@ def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
         array = np.repeat(array, channels, axis=2) if array.shape[2] == 1 else array.mean(axis=2, keepdims=True).astype(np.uint8)
     array = np.ascontiguousarray(array)
     return array if array.flags.writeable else array.copy()
+
+
+class InputError(ValueError):
+    """An --input spec (folder, glob, CSV manifest) matched nothing or could not be read."""
+
+
+def collect_inputs(spec: str) -> list[str]:
+    """Expand DIR (recursively, every non-hidden file), a GLOB, or a CSV manifest (``path`` column)."""
+    p = Path(spec)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise InputError(f"{p}: manifest needs a 'path' column; got {reader.fieldnames}")
+            base = p.parent.resolve()
+            paths = [str(Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"]) for r in reader if r.get("path")]
+    elif p.is_dir():
+        paths = sorted(
+            str(f) for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+    else:
+        paths = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    if not paths:
+        raise InputError(f"{spec}: no input files found (expected a folder, a glob or a CSV manifest)")
+    return paths
