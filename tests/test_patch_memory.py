@@ -84,12 +84,19 @@ def test_cli_fit_and_score_a_folder_with_a_corrupt_file(tmp_path, caplog):
     assert any("broken.png" in r.getMessage() for r in caplog.records)  # skipped with its name, the fit went on
     assert np.isfinite(float(PatchMemory.load(mem).threshold))
     out = tmp_path / "scores.csv"
-    assert main(["score", "--memory", str(mem), "--input", str(mixed), "--output", str(out), "--num-workers", "0"]) == 0
+    over = tmp_path / "overlays"
+    assert main(["score", "--memory", str(mem), "--input", str(mixed), "--output", str(out), "--overlays", str(over), "--num-workers", "0"]) == 0
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(out))}
     assert set(rows) == {"a_clean.png", "b_cracked.png", "c_empty.png"}
     assert "empty" in rows["c_empty.png"]["error"] and rows["c_empty.png"]["anomaly_score"] == ""
     assert float(rows["b_cracked.png"]["anomaly_score"]) > float(rows["a_clean.png"]["anomaly_score"])
     assert rows["b_cracked.png"]["anomalous"] == "1"
+    pngs = sorted(p.name for p in over.glob("*.png"))
+    assert len(pngs) == 2 and pngs[1].endswith("b_cracked.png")  # no overlay for the unreadable file
+    red = np.asarray(Image.open(over / pngs[1])).astype(int)
+    crack_red = (red[30:130, 70:92, 0] - red[30:130, 70:92, 1]).mean()
+    far_red = (red[:, :20, 0] - red[:, :20, 1]).mean()
+    assert crack_red > far_red + 20  # the heatmap is hottest on the crack
 
 
 def test_image_batches_resize_any_size_and_keep_paths(tmp_path):
@@ -98,3 +105,12 @@ def test_image_batches_resize_any_size_and_keep_paths(tmp_path):
     images, errors, paths = next(image_batches([str(a), str(tmp_path / "gone.png")], channels=1, size=32))
     assert images.shape == (2, 1, 32, 32) and images.dtype == torch.uint8
     assert errors[0] == "" and "file not found" in errors[1] and paths[1].endswith("gone.png")
+
+
+def test_auroc_reads_distances_as_scores_not_logits():
+    from vision.patch_memory import _auroc
+
+    scores = np.array([3.0, 4.0, 20.0, 25.0, 30.0])  # distances, far outside 0..1
+    assert _auroc(scores, np.array([0, 0, 1, 1, 1], bool)) == pytest.approx(1.0)
+    assert _auroc(scores, np.array([1, 0, 0, 0, 1], bool)) == pytest.approx(0.5)
+    assert np.isnan(_auroc(scores, np.zeros(5, bool)))

@@ -10,7 +10,7 @@ ranks defective cells better than the trained grader on the hardest modules (REA
 
     python -m vision.patch_memory fit --input good_cells/ --out memory.pt
     python -m vision.patch_memory evaluate --memory memory.pt --input labelled.csv --good-label ok
-    python -m vision.patch_memory crossval --folds 5            # built-in ELPV, block folds
+    python -m vision.patch_memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz   # built-in ELPV, block folds
 
 The module is a plain ``nn.Module``: ``forward(uint8 images) -> (score, heatmap)``, with the
 memory as a buffer; ``save``/``load`` write one self-contained file.
@@ -245,7 +245,8 @@ def _auroc(scores: np.ndarray, defective: np.ndarray) -> float:
 
     if defective.all() or not defective.any():
         return float("nan")
-    return float(binary_auroc(torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(defective.astype(np.int64))))
+    # ranks in [0, 1]: torchmetrics would read scores outside [0, 1] as logits and squash them
+    return float(binary_auroc(torch.from_numpy(_rank(np.asarray(scores, dtype=np.float64))).float(), torch.from_numpy(defective.astype(np.int64))))
 
 
 def _read_inputs(spec: str, good_label: str | None) -> tuple[list[str], np.ndarray | None]:
@@ -288,6 +289,18 @@ def _fit_cmd(a: argparse.Namespace) -> int:
     return 0
 
 
+def heatmap_overlay(image: Tensor, heatmap: Tensor, scale: float) -> "Image.Image":
+    """An RGB PIL image: ``image`` (C, H, W uint8) in grey with ``heatmap`` (h, w) in red, full red at ``scale``."""
+    from PIL import Image
+
+    grey = image.float().mean(0)
+    heat = F.interpolate(heatmap[None, None].float(), size=grey.shape, mode="bilinear", align_corners=False)[0, 0]
+    alpha = (heat / max(scale, 1e-6)).clamp(0, 1) * 0.6
+    red = torch.tensor([255.0, 30.0, 30.0]).view(3, 1, 1)
+    rgb = grey[None] * (1 - alpha) + red * alpha
+    return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
 def _score_cmd(a: argparse.Namespace) -> int:
     import csv
 
@@ -299,16 +312,22 @@ def _score_cmd(a: argparse.Namespace) -> int:
     scores = np.full(len(paths), np.nan, dtype=np.float32)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.overlays:
+        Path(a.overlays).mkdir(parents=True, exist_ok=True)
     i = 0
     with open(out, "w", newline="", encoding="utf-8") as fh, torch.inference_mode():
         w = csv.writer(fh)
         w.writerow(["path", "anomaly_score", "anomalous", "error"])
         batches = image_batches(paths, model.config["in_chans"], model.image_size, a.batch_size, a.num_workers)
         for images, errors, names in tqdm(batches, total=math.ceil(len(paths) / a.batch_size), desc="scoring", unit="batch"):
-            s = model(images).score.numpy()
+            out_b = model(images)
+            s = out_b.score.numpy()
             for j, (p, e) in enumerate(zip(names, errors)):
                 if not e:
                     scores[i + j] = s[j]
+                    if a.overlays:
+                        scale = thr if not math.isnan(thr) else float(out_b.score.max())
+                        heatmap_overlay(images[j], out_b.heatmap[j], scale).save(Path(a.overlays) / f"{i + j:06d}_{Path(p).stem}.png")
                 flag = "" if e or math.isnan(thr) else int(s[j] > thr)
                 w.writerow([p, "" if e else f"{s[j]:.5f}", flag, e])
             i += len(names)
@@ -386,38 +405,14 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return r / max(len(x) - 1, 1)
 
 
-def _grader_defect_prob(run: Path, folds: int, paths: np.ndarray, key: str) -> np.ndarray:
-    """P(not ok) of a ``crossval.py`` run for ``paths`` (``key`` 'oof': each cell's fold model; 'test': the fold-model mean)."""
-    found: dict[str, list[float]] = {}
-    for k in range(folds):
-        npz = run / f"fold{k}" / "predictions.npz"
-        if not npz.is_file():
-            raise SystemExit(f"{npz}: missing; run crossval.py to the end first")
-        d = np.load(npz, allow_pickle=False)
-        for p, pr in zip(d[f"{key}_paths"], d[f"{key}_probs"]):
-            found.setdefault(str(p), []).append(1.0 - float(pr[0]))
-    missing = [p for p in paths if p not in found]
-    if missing:
-        raise SystemExit(f"{run}: no {key} prediction for {len(missing)} cells (e.g. {missing[0]}); was it run with the same data and folds?")
-    return np.array([np.mean(found[p]) for p in paths])
-
-
 def _crossval_cmd(a: argparse.Namespace) -> int:
     r = elpv_crossval(a.folds, not a.pooled_types, seed=a.seed, batch_size=a.batch_size, image_size=a.image_size, stride=a.stride, max_patches=a.max_patches)
     y, s, f = r["oof_labels"] > 0, r["oof_scores"], r["oof_fold"]
-    rows = [("patch memory (ok cells only, no training)", s, r["test_scores"])]
-    if a.with_run:
-        g_oof = _grader_defect_prob(Path(a.with_run), a.folds, r["oof_paths"], "oof")
-        g_test = _grader_defect_prob(Path(a.with_run), a.folds, r["test_paths"], "test")
-        rows.insert(0, (f"grader {a.with_run}", g_oof, g_test))
-        rows.append(("rank mean of both", 0.5 * (_rank(g_oof) + _rank(s)), 0.5 * (_rank(g_test) + _rank(r["test_scores"]))))
-    head = " | ".join(f"fold {k}" for k in range(a.folds))
-    print(f"\nAUROC ok-vs-defective, ELPV block folds (seed {a.seed}); test column for the record, not for choosing\n")
-    print(f"| scorer | OOF (n={len(y)}) | {head} | test (n={len(r['test_labels'])}) |")
-    print("|---|---|" + "---|" * a.folds + "---|")
-    for name, oof, te in rows:
-        per = " | ".join(f"{_auroc(oof[f == k], y[f == k]):.3f}" for k in range(a.folds))
-        print(f"| {name} | {_auroc(oof, y):.3f} | {per} | {_auroc(te, r['test_labels'] > 0):.3f} |")
+    per = " | ".join(f"{_auroc(s[f == k], y[f == k]):.3f}" for k in range(a.folds))
+    print(f"\nAUROC ok-vs-defective, ELPV block folds (seed {a.seed}); the test blocks for the record, not for choosing\n")
+    print(f"| OOF (n={len(y)}) | " + " | ".join(f"fold {k}" for k in range(a.folds)) + f" | test (n={len(r['test_labels'])}) |")
+    print("|---|" + "---|" * a.folds + "---|")
+    print(f"| {_auroc(s, y):.3f} | {per} | {_auroc(r['test_scores'], r['test_labels'] > 0):.3f} |")
     if a.out:
         np.savez(a.out, **r)
         print(f"\nscores saved to {a.out}")
@@ -453,14 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--good-label", default=None)
+    p.add_argument("--overlays", default=None, help="folder for PNGs of each image with its heatmap in red (full red = threshold)")
     common(p)
     p.set_defaults(fn=_score_cmd)
 
     p = sub.add_parser("crossval", help="out-of-fold AUROC on the built-in ELPV block folds")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--pooled-types", action="store_true", help="one memory for mono and poly cells instead of one per type")
-    p.add_argument("--with", dest="with_run", default=None, help="a crossval.py run folder: compare with (and rank-average) its grader")
-    p.add_argument("--out", default=None, help="save all scores to this .npz")
+    p.add_argument("--out", default=None, help="save all scores to this .npz (bench/anomaly_fusion.py compares them with a grader)")
     common(p, fit=True)
     p.set_defaults(fn=_crossval_cmd)
 
