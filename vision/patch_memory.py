@@ -9,7 +9,7 @@ product), and as a second opinion beside a trained grader: on ELPV's module-disj
 ranks defective cells better than the trained grader on the hardest modules (README).
 
     python -m vision.patch_memory fit --input good_cells/ --out memory.pt
-    python -m vision.patch_memory evaluate --memory memory.pt --input labelled.csv --good-label ok
+    python -m vision.patch_memory score --memory memory.pt --input labelled.csv --good-label ok --output scores.csv
     python -m vision.patch_memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz   # built-in ELPV, block folds
 
 The module is a plain ``nn.Module``: ``forward(uint8 images) -> (score, heatmap)``, with the
