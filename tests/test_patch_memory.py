@@ -99,6 +99,14 @@ def test_cli_fit_and_score_a_folder_with_a_corrupt_file(tmp_path, caplog):
     assert crack_red > far_red + 20  # the heatmap is hottest on the crack
 
 
+def test_fit_refuses_a_labelled_manifest_without_good_label(tmp_path):
+    cell = tmp_path / "c.png"
+    Image.fromarray(_ok_mono_cells(1)[0]).save(cell)
+    (tmp_path / "m.csv").write_text("path,label\nc.png,ok\nc.png,crack\n")
+    with pytest.raises(SystemExit, match="--good-label"):
+        main(["fit", "--input", str(tmp_path / "m.csv"), "--out", str(tmp_path / "mem.pt")])
+
+
 def test_image_batches_resize_any_size_and_keep_paths(tmp_path):
     a = tmp_path / "a.png"
     Image.fromarray(np.zeros((40, 70, 3), np.uint8)).save(a)

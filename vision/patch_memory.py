@@ -194,30 +194,29 @@ class PatchMemory(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# command line: fit on good images, evaluate / score a folder or manifest, cross-validate on ELPV
+# command line: fit on good images, score a folder or manifest, cross-validate on ELPV
 
 
 class _Images(torch.utils.data.Dataset):
-    """uint8 (C, S, S) images; an unreadable file gives a zero image and its error instead of raising."""
+    """uint8 (C, S, S) images, decoded and resized as score.py does; an unreadable file gives a zero image and its error."""
 
     def __init__(self, paths: Sequence[str], channels: int, size: int) -> None:
+        from vision.transforms import build_eval_transform
+
         self.paths, self.channels, self.size = list(paths), channels, size
+        self.transform = build_eval_transform(size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, str]:
-        from PIL import Image
-
         from vision.io import ImageReadError, read_image
 
         try:
-            a = read_image(self.paths[i], self.channels)
+            image = read_image(self.paths[i], self.channels)
         except ImageReadError as exc:
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), str(exc)
-        if a.shape[:2] != (self.size, self.size):
-            a = np.stack([np.asarray(Image.fromarray(a[..., c]).resize((self.size, self.size), Image.BILINEAR)) for c in range(a.shape[2])], -1)
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), ""
+        return self.transform(image=image)["image"], ""
 
 
 def image_batches(paths: Sequence[str], channels: int, size: int, batch_size: int = 32, num_workers: int = 0):
@@ -249,14 +248,20 @@ def _auroc(scores: np.ndarray, defective: np.ndarray) -> float:
     return float(binary_auroc(torch.from_numpy(_rank(np.asarray(scores, dtype=np.float64))).float(), torch.from_numpy(defective.astype(np.int64))))
 
 
-def _read_inputs(spec: str, good_label: str | None) -> tuple[list[str], np.ndarray | None]:
-    """Paths of --input and, for a labelled manifest with --good-label, 1 = not good / 0 = good / -1 = unlabelled."""
+def _read_inputs(spec: str, good_label: str | None, need_good_label: bool = False) -> tuple[list[str], np.ndarray | None]:
+    """Paths of --input and, for a labelled manifest with --good-label, 1 = not good / 0 = good / -1 = unlabelled.
+
+    ``need_good_label``: a manifest with labels but no --good-label is refused (fitting on it would
+    put defective parts into the memory of good ones).
+    """
     from vision.records import records_from_manifest
 
     if spec.lower().endswith(".csv"):
         records, names = records_from_manifest(spec)
         paths = [r.path for r in records]
         if good_label is None:
+            if need_good_label and any(r.label >= 0 for r in records):
+                raise SystemExit(f"{spec}: the manifest has labels {names}; pass --good-label NAME so only good images enter the memory")
             return paths, None
         if good_label not in names:
             raise SystemExit(f"{spec}: --good-label {good_label!r} is not one of the manifest's labels {names}")
@@ -268,7 +273,7 @@ def _read_inputs(spec: str, good_label: str | None) -> tuple[list[str], np.ndarr
 
 
 def _fit_cmd(a: argparse.Namespace) -> int:
-    paths, bad = _read_inputs(a.input, a.good_label)
+    paths, bad = _read_inputs(a.input, a.good_label, need_good_label=True)
     if bad is not None:
         paths = [p for p, b in zip(paths, bad) if b == 0]
     order = np.random.default_rng(a.seed).permutation(len(paths))
@@ -279,13 +284,14 @@ def _fit_cmd(a: argparse.Namespace) -> int:
     model = PatchMemory(in_chans=a.channels, image_size=a.image_size, stride=a.stride, max_patches=a.max_patches, seed=a.seed)
     skipped: list[str] = []
     model.fit(_good_only(image_batches(mem_paths, a.channels, a.image_size, a.batch_size, a.num_workers), skipped), progress=True)
+    n_mem = len(mem_paths) - len(skipped)
     if cal_paths:
         thr = model.calibrate(_good_only(image_batches(cal_paths, a.channels, a.image_size, a.batch_size, a.num_workers), skipped), a.quantile)
         print(f"threshold {thr:.4f}: the {a.quantile:.0%} quantile of {len(cal_paths)} held-out good images")
     for e in skipped:
         log.warning("skipped: %s", e)
     out = model.save(a.out)
-    print(f"memory of {len(model.memory)} patches from {len(mem_paths) - len(skipped)} good images ({len(skipped)} unreadable) → {out}")
+    print(f"memory of {len(model.memory)} patches from {n_mem} good images ({len(skipped)} unreadable, skipped) → {out}")
     return 0
 
 
