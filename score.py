@@ -37,12 +37,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
 from fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
 from fusion.postprocess import predict_grades  # noqa: E402
+from vision.image_dataset import ScoringImageDataset  # noqa: E402
 from vision.io import InputError, collect_inputs, read_image  # noqa: E402
 from vision.records import DatasetFormatError, records_from_manifest  # noqa: E402
 from vision.transforms import build_eval_transform  # noqa: E402
@@ -53,29 +54,6 @@ log = logging.getLogger("lineside.score")
 
 # severity colours for overlays: ok → severe
 _COLOURS = [(40, 180, 60), (230, 200, 30), (240, 130, 20), (220, 30, 30)]
-
-
-class _ScoringDataset(Dataset):
-    """Decodes and resizes one input; a failure becomes an error string, never an exception."""
-
-    def __init__(self, paths: list[str], image_size: int, channels: int) -> None:
-        self.paths = paths
-        self.channels = channels
-        self.image_size = image_size
-        self.transform = build_eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
-        try:
-            image = self.transform(image=read_image(path, self.channels))["image"]
-            error = ""
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-            image = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
-            error = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
-        return {"image": image, "path": path, "error": error}
 
 
 class _RowWriter:
@@ -233,7 +211,7 @@ def score(
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     loader = DataLoader(
-        _ScoringDataset(todo, loaded.image_size, loaded.channels),
+        ScoringImageDataset(todo, loaded.image_size, loaded.channels),
         batch_size=batch_size,
         num_workers=num_workers if todo else 0,
         pin_memory=device.startswith("cuda"),

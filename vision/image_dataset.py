@@ -1,4 +1,4 @@
-"""InspectionImageDataset: records → sample dicts for the fusion model."""
+"""InspectionImageDataset: records → sample dicts for the fusion model; ScoringImageDataset: paths → images or errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from vision.io import read_image
 from vision.records import ImageRecord
 
-__all__ = ["InspectionImageDataset"]
+__all__ = ["InspectionImageDataset", "ScoringImageDataset"]
 
 
 class InspectionImageDataset(Dataset):
@@ -46,3 +46,32 @@ class InspectionImageDataset(Dataset):
         else:
             tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         return {"image": tensor, "grade": torch.tensor(rec.label, dtype=torch.long), "text": rec.text, "path": rec.path}
+
+
+class ScoringImageDataset(Dataset):
+    """Decodes and resizes one input for batch scoring; a failure becomes an error string, never an exception.
+
+    Each sample is ``{"image": (C, S, S) uint8, "path": str, "error": str}`` (a zero image and
+    a message starting with the path when the file cannot be used), so one bad file never stops a batch.
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int, channels: int) -> None:
+        from vision.transforms import build_eval_transform
+
+        self.paths = list(paths)
+        self.channels = channels
+        self.image_size = image_size
+        self.transform = build_eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        try:
+            image = self.transform(image=read_image(path, self.channels))["image"]
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            image = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+            error = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+        return {"image": image, "path": path, "error": error}

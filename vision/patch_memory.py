@@ -197,37 +197,14 @@ class PatchMemory(nn.Module):
 # command line: fit on good images, score a folder or manifest, cross-validate on ELPV
 
 
-class _Images(torch.utils.data.Dataset):
-    """uint8 (C, S, S) images, decoded and resized as score.py does; an unreadable file gives a zero image and its error."""
-
-    def __init__(self, paths: Sequence[str], channels: int, size: int) -> None:
-        from vision.transforms import build_eval_transform
-
-        self.paths, self.channels, self.size = list(paths), channels, size
-        self.transform = build_eval_transform(size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, str]:
-        from vision.io import ImageReadError, read_image
-
-        try:
-            image = read_image(self.paths[i], self.channels)
-        except ImageReadError as exc:
-            return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), str(exc)
-        return self.transform(image=image)["image"], ""
-
-
 def image_batches(paths: Sequence[str], channels: int, size: int, batch_size: int = 32, num_workers: int = 0):
-    """Iterate ``(images uint8 (B, C, size, size), errors list[str], paths)`` over ``paths``, decoding in workers."""
+    """Iterate ``(images uint8 (B, C, size, size), errors list[str], paths)``, decoded as score.py does, in workers."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_Images(paths, channels, size), batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: b)
-    start = 0
-    for items in loader:
-        yield torch.stack([im for im, _ in items]), [e for _, e in items], list(paths[start : start + len(items)])
-        start += len(items)
+    from vision.image_dataset import ScoringImageDataset
+
+    for b in DataLoader(ScoringImageDataset(paths, size, channels), batch_size=batch_size, num_workers=num_workers):
+        yield b["image"], list(b["error"]), list(b["path"])
 
 
 def _good_only(batches, skipped: list[str]):
@@ -244,7 +221,7 @@ def _auroc(scores: np.ndarray, defective: np.ndarray) -> float:
 
     if defective.all() or not defective.any():
         return float("nan")
-    # ranks in [0, 1]: torchmetrics would read scores outside [0, 1] as logits and squash them
+    # ranks in (0, 1], ties kept: torchmetrics would read scores outside [0, 1] as logits and squash them
     return float(binary_auroc(torch.from_numpy(_rank(np.asarray(scores, dtype=np.float64))).float(), torch.from_numpy(defective.astype(np.int64))))
 
 
@@ -406,9 +383,9 @@ def elpv_crossval(
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    r = np.empty(len(x))
-    r[np.argsort(x, kind="stable")] = np.arange(len(x))
-    return r / max(len(x) - 1, 1)
+    """Empirical-CDF rank of each value in (0, 1]; ties share a rank, so AUROC and rank means treat them fairly."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.searchsorted(np.sort(x), x, side="right") / max(len(x), 1)
 
 
 def _crossval_cmd(a: argparse.Namespace) -> int:
