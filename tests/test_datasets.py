@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fusion.datamodule import InspectionDataModule
-from vision.elpv import ELPV_GRADE_NAMES, elpv_records
+from vision.elpv import ELPV_GRADE_NAMES, elpv_block_folds, elpv_records
 from vision.image_dataset import InspectionImageDataset
 from vision.io import ImageReadError
 from vision.records import DatasetFormatError, records_from_image_folder, records_from_manifest
@@ -131,6 +131,18 @@ def test_datamodule_fold_pools_train_and_val_and_keeps_test():
         assert not ({r.path for r in s["train"]} & {r.path for r in s["val"]})
         held += [r.path for r in s["val"]]
     assert sorted(held) == sorted(pool)
+
+
+def test_elpv_block_folds_are_the_datamodule_folds():
+    # tools that score ELPV out-of-fold (PatchMemory crossval, frozen probe) must hold out the
+    # very cells the crossval.py fold models never saw
+    records, order, group = elpv_block_folds(folds=3)
+    paths = np.array([records[i].path for i in order])
+    assert sorted(order) == list(range(2624)) and set(group) == {-1, 0, 1, 2}
+    for k in range(3):
+        s = InspectionDataModule(image_size=32, num_workers=0, fold=k, num_folds=3).prepare_splits()
+        assert sorted(r.path for r in s["val"]) == sorted(paths[group == k])
+    assert sorted(r.path for r in s["test"]) == sorted(paths[group == -1])
 
 
 @pytest.mark.needs_shared

@@ -15,6 +15,8 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
+
 from vision.records import ImageRecord
 
 __all__ = ["ELPV_GRADE_NAMES", "elpv_root", "elpv_records", "write_elpv_manifest"]
@@ -47,6 +49,25 @@ def elpv_records() -> list[ImageRecord]:
             grade = int(round(3 * float(prob)))
             records.append(ImageRecord(str(labels.parent / rel), grade, None, _TYPE_TEXT.get(cell_type, cell_type)))
     return records
+
+
+def elpv_block_folds(folds: int = 5, block_size: int = 60, seed: int = 0) -> tuple[list[ImageRecord], np.ndarray, np.ndarray]:
+    """The cross-validation layout ``crossval.py`` trains on, for tools that score ELPV out-of-fold.
+
+    Returns ``(records, order, group)``: ``order`` lists the train + val cells (index order), then
+    the test cells of the block split; ``group[i]`` is the fold of ``order[i]`` (0..folds-1) or -1
+    for a test cell. Folds are whole module blocks, as in :func:`vision.splits.fold_split`.
+    """
+    from vision.splits import block_split, fold_split
+
+    records = elpv_records()
+    labels = np.array([r.label for r in records])
+    split = block_split(labels, block_size, 0.1, 0.2, seed)
+    pool, test = np.array(sorted(split["train"] + split["val"])), np.array(split["test"])
+    fold_of = np.empty(len(pool), dtype=int)
+    for k in range(folds):
+        fold_of[fold_split(labels[pool], folds, k, block_size, seed)["val"]] = k
+    return records, np.concatenate([pool, test]), np.concatenate([fold_of, np.full(len(test), -1)])
 
 
 def write_elpv_manifest(out: str | os.PathLike, indices: list[int] | None = None) -> Path:

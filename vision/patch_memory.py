@@ -334,18 +334,10 @@ def elpv_crossval(
     """
     from tqdm import tqdm
 
-    from vision.elpv import elpv_records
-    from vision.splits import block_split, fold_split
+    from vision.elpv import elpv_block_folds
 
-    records = elpv_records()
-    labels = np.array([r.label for r in records])
-    split = block_split(labels, block_size, 0.1, 0.2, seed)
-    pool, test = np.array(sorted(split["train"] + split["val"])), np.array(split["test"])
-    fold_of = np.empty(len(pool), dtype=int)
-    for k in range(folds):
-        fold_of[fold_split(labels[pool], folds, k, block_size, seed)["val"]] = k
+    records, order, group = elpv_block_folds(folds, block_size, seed)
     model = PatchMemory(**memory_kwargs).eval()
-    order = np.concatenate([pool, test])
     paths = [records[i].path for i in order]
     feats = []
     with torch.inference_mode():
@@ -356,9 +348,8 @@ def elpv_crossval(
                 raise PatchMemoryError("; ".join(e for e in errors if e))
             feats.append(model.embed(images).half())
     feats_t = torch.cat(feats)
-    y = labels[order]
+    y = np.array([records[i].label for i in order])
     text = np.array([records[i].text if per_text else "" for i in order])
-    group = np.concatenate([fold_of, np.full(len(test), -1)])  # -1 = test
     scores = np.zeros(len(order), dtype=np.float32)
     with torch.inference_mode():
         for k in [*range(folds), -1]:
@@ -374,10 +365,10 @@ def elpv_crossval(
             if progress:
                 v = group == k
                 print(f"{'test' if k < 0 else f'fold {k}'}: {int(v.sum())} cells, AUROC ok-vs-defective {_auroc(scores[v], y[v] > 0):.3f}", file=sys.stderr)
-    n = len(pool)
+    n = int((group >= 0).sum())
     names = np.array(paths)
     return {
-        "oof_paths": names[:n], "oof_labels": y[:n], "oof_fold": fold_of, "oof_scores": scores[:n],
+        "oof_paths": names[:n], "oof_labels": y[:n], "oof_fold": group[:n], "oof_scores": scores[:n],
         "test_paths": names[n:], "test_labels": y[n:], "test_scores": scores[n:],
     }  # fmt: skip
 
