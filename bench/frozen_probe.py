@@ -1,4 +1,4 @@
-"""How far do frozen ImageNet features go on ELPV grades? A 5-minute screen for backbones and inputs.
+"""How far do frozen ImageNet features go on ELPV grades? A screen for backbones and inputs in minutes.
 
     python bench/frozen_probe.py                                   # lite0, 300 px, levels 2-4
     python bench/frozen_probe.py --run runs/el_grading_cv          # and beside the trained grader
@@ -9,8 +9,8 @@ regression (L2, standardised features) grades it. Same module-block folds as ``c
 each of the 2,100 train + val cells is graded by the regression fitted on the other four folds
 (out-of-fold); the test blocks by the one fitted on all five, printed for the record only.
 
-Use it to screen a backbone, an image size or an input transform in minutes before a 50-minute
-fine-tuning cross-validation: what the frozen features cannot separate, fine-tuning has to learn.
+Use it to screen a backbone, an image size or an input transform in 1–5 minutes before a fine-tuning
+cross-validation (20–50 minutes on 2 cores): what the frozen features cannot separate, fine-tuning has to learn.
 With ``--run`` the fine-tuned grader's out-of-fold predictions of the same cells are printed
 beside it, and the mean of both probabilities (does the probe add anything?).
 """
