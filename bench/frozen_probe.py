@@ -2,6 +2,7 @@
 
     python bench/frozen_probe.py                                   # lite0, 300 px, levels 2-4
     python bench/frozen_probe.py --run runs/el_grading_cv          # and beside the trained grader
+    python bench/frozen_probe.py --weights backbone.pt             # other backbone weights (timm key names)
 
 The backbone stays frozen (ImageNet weights, offline); each cell becomes the mean, max and
 root-mean-square of every chosen feature level (plus its cell type), and a multinomial logistic
@@ -34,14 +35,20 @@ from fusion.ensemble import grade_metrics  # noqa: E402
 from vision.elpv import elpv_block_folds  # noqa: E402
 from vision.image_encoder import ImageEncoder  # noqa: E402
 from vision.patch_memory import image_batches  # noqa: E402
+from vision.pretrained import PretrainedWeightsError  # noqa: E402
 
 
 @torch.inference_mode()
-def pooled_features(paths: list[str], backbone: str, levels: list[int], image_size: int, batch_size: int = 32) -> np.ndarray:
+def pooled_features(
+    paths: list[str], backbone: str, levels: list[int], image_size: int, batch_size: int = 32, weights: str | None = None
+) -> np.ndarray:
     """(N, 3 * sum(channels) ) mean / max / RMS of each frozen feature level per image."""
     from tqdm import tqdm
 
-    enc = ImageEncoder(backbone, embed_dim=1, in_chans=1, feature_levels=levels, pretrained=True).eval()
+    try:
+        enc = ImageEncoder(backbone, embed_dim=1, in_chans=1, feature_levels=levels, pretrained=True, weights_path=weights).eval()
+    except PretrainedWeightsError as exc:
+        raise SystemExit(f"frozen_probe: {exc}") from None
     out = []
     for images, errors, _ in tqdm(image_batches(paths, 1, image_size, batch_size), total=math.ceil(len(paths) / batch_size), desc="frozen features"):
         if any(errors):
@@ -89,6 +96,7 @@ def _row(name: str, m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", help="backbone weights file (timm key names) instead of the packaged ImageNet weights")
     ap.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4], help="backbone feature levels pooled per cell")
     ap.add_argument("--image-size", type=int, default=300)
     ap.add_argument("--folds", type=int, default=5)
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([records[i].label for i in order])
     mono = np.array([[records[i].text == "monocrystalline"] for i in order], dtype=np.float32)
     t0 = time.perf_counter()
-    x = np.hstack([pooled_features(paths, a.backbone, a.levels, a.image_size), mono])
+    x = np.hstack([pooled_features(paths, a.backbone, a.levels, a.image_size, weights=a.weights), mono])
     t_feat = time.perf_counter() - t0
 
     probs = np.zeros((len(y), 4))
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         probs[group == k] = predict_probe(x[group == k], fit_probe(x[train], y[train], 4, a.l2, a.balanced))
     oof, test = group >= 0, group < 0
 
-    print(f"\nfrozen {a.backbone} levels {a.levels} at {a.image_size} px, {x.shape[1]} features, logistic regression "
+    print(f"\nfrozen {a.backbone} ({a.weights or 'ImageNet'}) levels {a.levels} at {a.image_size} px, {x.shape[1]} features, logistic regression "
           f"(l2 {a.l2}{', balanced' if a.balanced else ''}); features {t_feat / 60:.1f} min\n")  # fmt: skip
     print("| model | n | acc | macro-F1 | AUROC ok vs defective | recall ok / mild / moderate / severe % |\n|---|---|---|---|---|---|")
     print(_row("frozen probe, out-of-fold", grade_metrics(probs[oof], y[oof])))
