@@ -31,6 +31,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from crossval import _fmt, _load_run  # noqa: E402
 from fusion.ensemble import grade_metrics  # noqa: E402
 from vision.elpv import elpv_block_folds  # noqa: E402
 from vision.image_encoder import ImageEncoder  # noqa: E402
@@ -49,14 +50,13 @@ def pooled_features(
         enc = ImageEncoder(backbone, embed_dim=1, in_chans=1, feature_levels=levels, pretrained=True, weights_path=weights).eval()
     except PretrainedWeightsError as exc:
         raise SystemExit(f"frozen_probe: {exc}") from None
+    if enc.weights_source == "random":  # a probe of random features measures nothing
+        raise SystemExit(f"frozen_probe: no offline weights for {backbone!r}; pass --weights FILE (timm key names)")
     out = []
     for images, errors, _ in tqdm(image_batches(paths, 1, image_size, batch_size), total=math.ceil(len(paths) / batch_size), desc="frozen features"):
         if any(errors):
             raise SystemExit("; ".join(e for e in errors if e))
-        x = images.float()
-        if x.shape[-2:] != (image_size, image_size):
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        feats = enc.backbone(enc.normalize(x))
+        feats = enc.backbone(enc.normalize(images.float()))  # image_batches already resized them
         out.append(torch.cat([torch.cat([f.mean((2, 3)), f.amax((2, 3)), f.pow(2).mean((2, 3)).sqrt()], 1) for f in feats], 1).float())
     return torch.cat(out).numpy()
 
@@ -86,11 +86,6 @@ def predict_probe(x: np.ndarray, probe: tuple) -> np.ndarray:
     z = ((x - mu) / sd) @ w + b
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
-
-
-def _row(name: str, m: dict) -> str:
-    rec = " / ".join(f"{100 * r:.1f}" for r in m["recall"])
-    return f"| {name} | {m['n']} | {100 * m['acc']:.1f}% | {m['macro_f1']:.3f} | {m['auroc_defective']:.3f} | {rec} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,21 +118,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nfrozen {a.backbone} ({a.weights or 'ImageNet'}) levels {a.levels} at {a.image_size} px, {x.shape[1]} features, logistic regression "
           f"(l2 {a.l2}{', balanced' if a.balanced else ''}); features {t_feat / 60:.1f} min\n")  # fmt: skip
-    print("| model | n | acc | macro-F1 | AUROC ok vs defective | recall ok / mild / moderate / severe % |\n|---|---|---|---|---|---|")
-    print(_row("frozen probe, out-of-fold", grade_metrics(probs[oof], y[oof])))
+    print("| model | n | acc % | macro-F1 | AUROC ok vs defective | recall ok / mild / moderate / severe % |\n|---|---|---|---|---|---|")
+    print(_fmt("frozen probe, out-of-fold", grade_metrics(probs[oof], y[oof])))
     per = ", ".join(f"{100 * grade_metrics(probs[group == k], y[group == k])['acc']:.1f}" for k in range(a.folds))
     if a.run:
         sys.path.insert(0, str(REPO / "bench"))
         from anomaly_fusion import _align  # noqa: PLC0415
 
-        from crossval import _load_run  # noqa: PLC0415
-
         run = _load_run(Path(a.run), a.folds)
         names = np.array(paths)
         grader = _align(run, names[oof], "oof")
-        print(_row("fine-tuned grader (--run), out-of-fold", grade_metrics(grader, y[oof])))
-        print(_row("mean of both, out-of-fold", grade_metrics(0.5 * (grader + probs[oof]), y[oof])))
-    print(_row("frozen probe, test blocks (record only)", grade_metrics(probs[test], y[test])))
+        print(_fmt("fine-tuned grader (--run), out-of-fold", grade_metrics(grader, y[oof])))
+        print(_fmt("mean of both, out-of-fold", grade_metrics(0.5 * (grader + probs[oof]), y[oof])))
+    print(_fmt("frozen probe, test blocks (record only)", grade_metrics(probs[test], y[test])))
     print(f"\nout-of-fold accuracy per fold: {per}")
     return 0
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from vision.records import ImageRecord
 
-__all__ = ["ELPV_GRADE_NAMES", "elpv_root", "elpv_records", "write_elpv_manifest"]
+__all__ = ["ELPV_GRADE_NAMES", "elpv_block_folds", "elpv_root", "elpv_records", "write_elpv_manifest"]
 
 ELPV_GRADE_NAMES = ["ok", "mild", "moderate", "severe"]
 _TYPE_TEXT = {"mono": "monocrystalline", "poly": "polycrystalline"}
