@@ -5,9 +5,9 @@
     python bench/frozen_probe.py --backbone tf_efficientnet_lite2 --image-size 260   # a larger packaged backbone
     python bench/frozen_probe.py --weights backbone.pt             # other backbone weights (timm key names)
 
-The backbone stays frozen (ImageNet weights, offline: EfficientNet-Lite0/1/2 from their packages); each cell becomes the mean, max and
-root-mean-square of every chosen feature level (plus its cell type), and a multinomial logistic
-regression (L2, standardised features) grades it. Same module-block folds as ``crossval.py``:
+The backbone stays frozen (ImageNet weights, offline: EfficientNet-Lite0/1/2 from their
+packages); each cell becomes the mean, max and root-mean-square of every chosen feature level
+(plus its cell type), and a multinomial logistic regression (L2, standardised features) grades it. Same module-block folds as ``crossval.py``:
 each of the 2,100 train + val cells is graded by the regression fitted on the other four folds
 (out-of-fold); the test blocks by the one fitted on all five, printed for the record only.
 
@@ -84,9 +84,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, balance
 
 def predict_probe(x: np.ndarray, probe: tuple) -> np.ndarray:
     mu, sd, w, b = probe
-    z = ((x - mu) / sd) @ w + b
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    return torch.from_numpy(((x - mu) / sd) @ w + b).softmax(1).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
