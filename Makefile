@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LS     := $(VENV)/bin/lineside
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) train.py fit --config configs/quickstart.yaml
-	$(PY) train.py test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
-	$(PY) -m vision.elpv manifest --split test --out runs/quickstart/elpv_test.csv
-	$(PY) score.py --ckpt runs/quickstart/checkpoints/best.ckpt --input runs/quickstart/elpv_test.csv \
+	$(LS) fit --config configs/quickstart.yaml
+	$(LS) test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
+	$(LS) elpv manifest --split test --out runs/quickstart/elpv_test.csv
+	$(LS) score --ckpt runs/quickstart/checkpoints/best.ckpt --input runs/quickstart/elpv_test.csv \
 		--output runs/quickstart/scores.csv --overlays runs/quickstart/overlays
 
 test: install

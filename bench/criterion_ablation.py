@@ -43,7 +43,7 @@ def main() -> None:
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": str(run / "checkpoints"), "filename": "best", "monitor": "val/macro_f1", "mode": "max", "enable_version_counter": False}}
         ]
-        cfg["model"]["criterion"] = {"class_path": "fusion.GradingCriterion", "init_args": crit}
+        cfg["model"]["criterion"] = {"class_path": "lineside.fusion.GradingCriterion", "init_args": crit}
         if cfg["model"].get("scheduler"):
             cfg["model"]["scheduler"]["init_args"]["T_max"] = a.epochs
         run.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from crossval import _fmt, _load_run  # noqa: E402
-from fusion.ensemble import grade_metrics  # noqa: E402
-from vision.elpv import elpv_block_folds  # noqa: E402
-from vision.image_encoder import ImageEncoder  # noqa: E402
-from vision.patch_memory import image_batches  # noqa: E402
-from vision.pretrained import PretrainedWeightsError  # noqa: E402
+from lineside.fusion.crossval import _fmt, _load_run  # noqa: E402
+from lineside.fusion.ensemble import grade_metrics  # noqa: E402
+from lineside.vision.elpv import elpv_block_folds  # noqa: E402
+from lineside.vision.image_encoder import ImageEncoder  # noqa: E402
+from lineside.vision.patch_memory import image_batches  # noqa: E402
+from lineside.vision.pretrained import PretrainedWeightsError  # noqa: E402
 
 
 @torch.inference_mode()

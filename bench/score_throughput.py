@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from export.checkpoint import LoadedModel, instantiate_config, load_inspection_model  # noqa: E402
-from fusion.postprocess import predict_grades  # noqa: E402
-from score import score  # noqa: E402
-from vision.elpv import ELPV_GRADE_NAMES, elpv_records  # noqa: E402
-from vision.io import read_image  # noqa: E402
-from vision.transforms import build_eval_transform  # noqa: E402
+from lineside.export.checkpoint import LoadedModel, instantiate_config, load_inspection_model  # noqa: E402
+from lineside.fusion.postprocess import predict_grades  # noqa: E402
+from lineside.export.score import score  # noqa: E402
+from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_records  # noqa: E402
+from lineside.vision.io import read_image  # noqa: E402
+from lineside.vision.transforms import build_eval_transform  # noqa: E402
 
 
 def _model(ckpt: str | None, image_size: int) -> LoadedModel:

@@ -5,6 +5,6 @@ Lightning (:func:`export.checkpoint.load_inspection_model`). ONNX / TensorRT / A
 export builds on it.
 """
 
-from export.checkpoint import CheckpointError, LoadedModel, instantiate_config, load_inspection_model
+from lineside.export.checkpoint import CheckpointError, LoadedModel, instantiate_config, load_inspection_model
 
 __all__ = ["CheckpointError", "LoadedModel", "instantiate_config", "load_inspection_model"]

@@ -38,7 +38,14 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+# Before lineside 0.2 the folders installed as top-level modules (``fusion.InspectionModel``);
+# checkpoints written then name those class paths, which resolve under ``lineside.`` now.
+_LEGACY_PACKAGES = ("vision", "fusion", "export", "pointcloud")
+
+
 def _import(path: str) -> Any:
+    if path.split(".", 1)[0] in _LEGACY_PACKAGES:
+        path = "lineside." + path
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -85,7 +92,7 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
         )
     ensemble = meta.get("ensemble")
     if ensemble:  # cross-validation members averaged, with decision offsets (crossval.py)
-        from fusion.ensemble import InspectionEnsemble
+        from lineside.fusion.ensemble import InspectionEnsemble
 
         configs = ensemble.get("member_configs") or [meta["model_config"]] * int(ensemble["members"])
         members = [instantiate_config(c) for c in configs]

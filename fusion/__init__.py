@@ -4,11 +4,11 @@
 Composes ``vision`` (and, later, ``pointcloud``); never imports ``export``.
 """
 
-from fusion.criterion import GradingCriterion
-from fusion.fusion_transformer import FusionOutput, FusionTransformer
-from fusion.grading_head import GradingHead
-from fusion.model import InspectionModel, InspectionOutput
-from fusion.postprocess import GradePostprocessor, GradePrediction, predict_grades
+from lineside.fusion.criterion import GradingCriterion
+from lineside.fusion.fusion_transformer import FusionOutput, FusionTransformer
+from lineside.fusion.grading_head import GradingHead
+from lineside.fusion.model import InspectionModel, InspectionOutput
+from lineside.fusion.postprocess import GradePostprocessor, GradePrediction, predict_grades
 
 __all__ = [
     "FusionOutput",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.model import InspectionOutput
+from lineside.fusion.model import InspectionOutput
 
 __all__ = ["GradingCriterion"]
 

@@ -9,11 +9,11 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from vision.elpv import ELPV_GRADE_NAMES, elpv_records
-from vision.image_dataset import InspectionImageDataset
-from vision.records import ImageRecord, records_from_image_folder, records_from_manifest
-from vision.splits import block_split, fold_split, stratified_split
-from vision.transforms import build_eval_transform, build_train_transform
+from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_records
+from lineside.vision.image_dataset import InspectionImageDataset
+from lineside.vision.records import ImageRecord, records_from_image_folder, records_from_manifest
+from lineside.vision.splits import block_split, fold_split, stratified_split
+from lineside.vision.transforms import build_eval_transform, build_train_transform
 
 __all__ = ["InspectionDataModule"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fusion.model import InspectionOutput
+from lineside.fusion.model import InspectionOutput
 
 __all__ = ["InspectionEnsemble", "fit_grade_bias", "format_confusion", "grade_metrics"]
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vision.image_encoder import EncoderOutput
+from lineside.vision.image_encoder import EncoderOutput
 
 __all__ = ["FusionOutput", "FusionTransformer"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fusion.fusion_transformer import FusionOutput
+from lineside.fusion.fusion_transformer import FusionOutput
 
 __all__ = ["GradingHead"]
 

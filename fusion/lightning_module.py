@@ -19,10 +19,10 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from fusion.criterion import GradingCriterion
-from fusion.ensemble import format_confusion
-from fusion.model import InspectionModel
-from fusion.postprocess import predict_grades
+from lineside.fusion.criterion import GradingCriterion
+from lineside.fusion.ensemble import format_confusion
+from lineside.fusion.model import InspectionModel
+from lineside.fusion.postprocess import predict_grades
 
 __all__ = ["InspectionModule"]
 

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from fusion.fusion_transformer import FusionTransformer
-from fusion.grading_head import GradingHead
-from vision.image_encoder import ImageEncoder
+from lineside.fusion.fusion_transformer import FusionTransformer
+from lineside.fusion.grading_head import GradingHead
+from lineside.vision.image_encoder import ImageEncoder
 
 __all__ = ["InspectionOutput", "InspectionModel"]
 

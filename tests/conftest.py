@@ -16,7 +16,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 
 
 def write_image(path: Path, size=(48, 40), mode="L", seed=0) -> Path:

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.datamodule import InspectionDataModule
-from vision.elpv import ELPV_GRADE_NAMES, elpv_block_folds, elpv_records
-from vision.image_dataset import InspectionImageDataset
-from vision.io import ImageReadError
-from vision.records import DatasetFormatError, records_from_image_folder, records_from_manifest
-from vision.splits import block_split, fold_split, stratified_split
-from vision.transforms import build_eval_transform, build_train_transform
+from lineside.fusion.datamodule import InspectionDataModule
+from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_block_folds, elpv_records
+from lineside.vision.image_dataset import InspectionImageDataset
+from lineside.vision.io import ImageReadError
+from lineside.vision.records import DatasetFormatError, records_from_image_folder, records_from_manifest
+from lineside.vision.splits import block_split, fold_split, stratified_split
+from lineside.vision.transforms import build_eval_transform, build_train_transform
 
 
 def test_elpv_records_from_the_installed_package():
@@ -157,7 +157,7 @@ def test_real_xray_castings_only_train_split_is_split_here(shared_data):
 
 
 def test_elpv_manifest_cli_writes_the_test_split(tmp_path):
-    from vision.elpv import _main
+    from lineside.vision.elpv import main as _main
 
     out = tmp_path / "test.csv"
     assert _main(["manifest", "--split", "test", "--out", str(out)]) == 0

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC, MulticlassF1Score
 
-from crossval import main as crossval_main
-from export.checkpoint import load_inspection_model
-from fusion.ensemble import InspectionEnsemble, fit_grade_bias, grade_metrics
-from fusion.model import InspectionOutput
+from lineside.fusion.crossval import main as crossval_main
+from lineside.export.checkpoint import load_inspection_model
+from lineside.fusion.ensemble import InspectionEnsemble, fit_grade_bias, grade_metrics
+from lineside.fusion.model import InspectionOutput
 
 
 class _Fixed(torch.nn.Module):

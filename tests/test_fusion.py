@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel, predict_grades
-from fusion.postprocess import dihedral_views
-from vision.image_encoder import EncoderOutput, ImageEncoder
+from lineside.fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel, predict_grades
+from lineside.fusion.postprocess import dihedral_views
+from lineside.vision.image_encoder import EncoderOutput, ImageEncoder
 
 
 def test_padding_tokens_do_not_change_the_result():
@@ -59,7 +59,7 @@ def test_criterion_weights_ignore_missing_labels_and_order():
     near = crit.loss_ordinal(logits, torch.tensor([1]))
     far = crit.loss_ordinal(logits, torch.tensor([3]))
     assert far > near > 0
-    from fusion.model import InspectionOutput
+    from lineside.fusion.model import InspectionOutput
 
     out = crit(InspectionOutput(torch.randn(3, 4, requires_grad=True)), {"grade": torch.tensor([-1, -1, -1])})
     assert out["loss"].item() == 0.0 and out["loss"].requires_grad

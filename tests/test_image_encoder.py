@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 
-from fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel
-from vision.image_encoder import ImageEncoder
-from vision.pretrained import PACKAGED_BACKBONES, PretrainedWeightsError, efficientnet_lite0_package_state_dict, packaged_state_dict
+from lineside.fusion import FusionTransformer, GradingCriterion, GradingHead, InspectionModel
+from lineside.vision.image_encoder import ImageEncoder
+from lineside.vision.pretrained import PACKAGED_BACKBONES, PretrainedWeightsError, efficientnet_lite0_package_state_dict, packaged_state_dict
 
 
 def tiny_encoder(**kw):

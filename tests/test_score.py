@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import write_image
-from score import collect_inputs, main, score
+from lineside.export.score import collect_inputs, main, score
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def tiny_ckpt(tmp_path_factory):
     import yaml
 
     from conftest import REPO
-    from train import main as train_main
+    from lineside.fusion.training_cli import main as train_main
 
     tmp = tmp_path_factory.mktemp("train")
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from export.checkpoint import load_inspection_model
-from train import main
+from lineside.export.checkpoint import load_inspection_model
+from lineside.fusion.training_cli import main
 
 
 def _metrics(run_dir):
@@ -69,4 +69,4 @@ def test_print_config_runs_as_a_subprocess():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "class_path: fusion.InspectionModel" in out.stdout and "tf_efficientnet_lite0" in out.stdout
+    assert "class_path: lineside.fusion.InspectionModel" in out.stdout and "tf_efficientnet_lite0" in out.stdout

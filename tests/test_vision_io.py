@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_image
-from vision.io import ImageReadError, read_image
+from lineside.vision.io import ImageReadError, read_image
 
 
 def test_grayscale_and_rgb_channels(tmp_path):

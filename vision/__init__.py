@@ -8,8 +8,8 @@ heatmaps from good images only).
 This package never imports ``fusion``, ``export`` or ``pointcloud``.
 """
 
-from vision.image_encoder import EncoderOutput, ImageEncoder
-from vision.io import ImageReadError, read_image
-from vision.patch_memory import AnomalyOutput, PatchMemory, PatchMemoryError
+from lineside.vision.image_encoder import EncoderOutput, ImageEncoder
+from lineside.vision.io import ImageReadError, read_image
+from lineside.vision.patch_memory import AnomalyOutput, PatchMemory, PatchMemoryError
 
 __all__ = ["AnomalyOutput", "EncoderOutput", "ImageEncoder", "ImageReadError", "PatchMemory", "PatchMemoryError", "read_image"]

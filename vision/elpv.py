@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision.records import ImageRecord
+from lineside.vision.records import ImageRecord
 
 __all__ = ["ELPV_GRADE_NAMES", "elpv_block_folds", "elpv_root", "elpv_records", "write_elpv_manifest"]
 
@@ -58,7 +58,7 @@ def elpv_block_folds(folds: int = 5, block_size: int = 60, seed: int = 0) -> tup
     the test cells of the block split; ``group[i]`` is the fold of ``order[i]`` (0..folds-1) or -1
     for a test cell. Folds are whole module blocks, as in :func:`vision.splits.fold_split`.
     """
-    from vision.splits import block_split, fold_split
+    from lineside.vision.splits import block_split, fold_split
 
     records = elpv_records()
     labels = np.array([r.label for r in records])
@@ -84,13 +84,13 @@ def write_elpv_manifest(out: str | os.PathLike, indices: list[int] | None = None
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
-    """``python -m vision.elpv manifest --split test --out cells.csv``: a manifest of one split."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lineside.vision.elpv manifest --split test --out cells.csv``: a manifest of one split."""
     import argparse
 
-    from vision.splits import block_split
+    from lineside.vision.splits import block_split
 
-    ap = argparse.ArgumentParser(prog="python -m vision.elpv", description="Built-in ELPV data helpers")
+    ap = argparse.ArgumentParser(prog="lineside elpv", description="Built-in ELPV data helpers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("manifest", help="write a path,label,text CSV of a block split (as train.py makes it)")
     m.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
@@ -110,4 +110,4 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

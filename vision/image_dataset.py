@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from vision.io import read_image
-from vision.records import ImageRecord
+from lineside.vision.io import read_image
+from lineside.vision.records import ImageRecord
 
 __all__ = ["InspectionImageDataset", "ScoringImageDataset"]
 
@@ -56,7 +56,7 @@ class ScoringImageDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], image_size: int, channels: int) -> None:
-        from vision.transforms import build_eval_transform
+        from lineside.vision.transforms import build_eval_transform
 
         self.paths = list(paths)
         self.channels = channels

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vision.pretrained import PACKAGED_BACKBONES, load_backbone_weights, packaged_state_dict, read_state_dict
+from lineside.vision.pretrained import PACKAGED_BACKBONES, load_backbone_weights, packaged_state_dict, read_state_dict
 
 __all__ = ["EncoderOutput", "ImageEncoder"]
 

@@ -8,9 +8,9 @@ the greedy coreset). Useful on its own when only good parts are at hand (a new l
 product), and as a second opinion beside a trained grader: on ELPV's module-disjoint folds it
 ranks defective cells better than the trained grader on the hardest modules (README).
 
-    python -m vision.patch_memory fit --input good_cells/ --out memory.pt
-    python -m vision.patch_memory score --memory memory.pt --input labelled.csv --good-label ok --output scores.csv
-    python -m vision.patch_memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz   # built-in ELPV, block folds
+    python -m lineside.vision.patch_memory fit --input good_cells/ --out memory.pt
+    python -m lineside.vision.patch_memory score --memory memory.pt --input labelled.csv --good-label ok --output scores.csv
+    python -m lineside.vision.patch_memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz   # built-in ELPV, block folds
 
 The module is a plain ``nn.Module``: ``forward(uint8 images) -> (score, heatmap)``, with the
 memory as a buffer; ``save``/``load`` write one self-contained file.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vision.image_encoder import ImageEncoder
+from lineside.vision.image_encoder import ImageEncoder
 
 __all__ = ["AnomalyOutput", "PatchMemory", "PatchMemoryError"]
 
@@ -186,7 +186,7 @@ class PatchMemory(nn.Module):
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
             raise PatchMemoryError(f"{path}: not a readable memory file ({exc})") from None
         if not isinstance(obj, dict) or "lineside_patch_memory" not in obj:
-            raise PatchMemoryError(f"{path}: not a lineside patch memory (write one with `python -m vision.patch_memory fit`)")
+            raise PatchMemoryError(f"{path}: not a lineside patch memory (write one with `python -m lineside.vision.patch_memory fit`)")
         model = cls(**obj["config"], pretrained=False)
         model.memory = torch.empty_like(obj["state_dict"]["memory"])
         model.load_state_dict(obj["state_dict"])
@@ -201,7 +201,7 @@ def image_batches(paths: Sequence[str], channels: int, size: int, batch_size: in
     """Iterate ``(images uint8 (B, C, size, size), errors list[str], paths)``, decoded as score.py does, in workers."""
     from torch.utils.data import DataLoader
 
-    from vision.image_dataset import ScoringImageDataset
+    from lineside.vision.image_dataset import ScoringImageDataset
 
     for b in DataLoader(ScoringImageDataset(paths, size, channels), batch_size=batch_size, num_workers=num_workers):
         yield b["image"], list(b["error"]), list(b["path"])
@@ -231,7 +231,7 @@ def _read_inputs(spec: str, good_label: str | None, need_good_label: bool = Fals
     ``need_good_label``: a manifest with labels but no --good-label is refused (fitting on it would
     put defective parts into the memory of good ones).
     """
-    from vision.records import records_from_manifest
+    from lineside.vision.records import records_from_manifest
 
     if spec.lower().endswith(".csv"):
         records, names = records_from_manifest(spec)
@@ -244,7 +244,7 @@ def _read_inputs(spec: str, good_label: str | None, need_good_label: bool = Fals
             raise SystemExit(f"{spec}: --good-label {good_label!r} is not one of the manifest's labels {names}")
         good = names.index(good_label)
         return paths, np.array([-1 if r.label < 0 else int(r.label != good) for r in records])
-    from vision.io import collect_inputs
+    from lineside.vision.io import collect_inputs
 
     return collect_inputs(spec), None
 
@@ -334,7 +334,7 @@ def elpv_crossval(
     """
     from tqdm import tqdm
 
-    from vision.elpv import elpv_block_folds
+    from lineside.vision.elpv import elpv_block_folds
 
     records, order, group = elpv_block_folds(folds, block_size, seed)
     model = PatchMemory(**memory_kwargs).eval()
@@ -395,7 +395,7 @@ def _crossval_cmd(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="python -m vision.patch_memory", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="lineside patch-memory", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p, fit: bool = False):
@@ -434,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_crossval_cmd)
 
     a = ap.parse_args(argv)
-    from vision.io import InputError
-    from vision.records import DatasetFormatError
+    from lineside.vision.io import InputError
+    from lineside.vision.records import DatasetFormatError
 
     try:
         return a.fn(a)

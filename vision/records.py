@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vision.io import is_image_file
+from lineside.vision.io import is_image_file
 
 __all__ = ["ImageRecord", "DatasetFormatError", "records_from_image_folder", "records_from_manifest"]
 

@@ -1,0 +1,342 @@
+"""Batch offline scoring of a folder, glob or CSV manifest with a trained lineside checkpoint.
+
+    python score.py --ckpt runs/el_grading/checkpoints/best.ckpt --input /data/cells --output results.csv
+    python score.py --ckpt best.ckpt --input "lines/*/cam0/*.png" --output results.parquet --overlays overlays/
+
+One row per input: path, grade, grade_name, confidence, p_<grade> per grade, error. Rows are
+appended (and fsync'ed) as each batch finishes, so a crash loses nothing already scored; running
+the same command again resumes and skips finished rows. A corrupt, empty or unsupported file gets
+a row with its error and the run goes on. Parquet output is assembled atomically at the end from a
+``<output>.partial.csv`` journal.
+
+A CSV manifest with a ``label`` column (class name or index) is also an evaluation set: after
+scoring, accuracy, macro-F1, per-grade recall, the confusion matrix and AUROC ok-vs-defective
+are printed and written to ``<output>.metrics.json`` (rows with errors or without label are left out).
+
+    python -m lineside.vision.elpv manifest --split test --out elpv_test.csv
+    python score.py --ckpt runs/el_grading_cv/ensemble.ckpt --input elpv_test.csv --output test_scores.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lineside.export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
+from lineside.fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
+from lineside.fusion.postprocess import predict_grades  # noqa: E402
+from lineside.vision.image_dataset import ScoringImageDataset  # noqa: E402
+from lineside.vision.io import InputError, collect_inputs, read_image  # noqa: E402
+from lineside.vision.records import DatasetFormatError, records_from_manifest  # noqa: E402
+from lineside.vision.transforms import build_eval_transform  # noqa: E402
+
+__all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "score", "main"]
+
+log = logging.getLogger("lineside.score")
+
+# severity colours for overlays: ok → severe
+_COLOURS = [(40, 180, 60), (230, 200, 30), (240, 130, 20), (220, 30, 30)]
+
+
+class _RowWriter:
+    """Appends CSV rows durably; reads back finished rows for resuming."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path = path
+        self.columns = columns
+
+    def read_rows(self) -> list[dict]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return []
+        with open(self.path, "rb+") as fh:  # drop a torn last line left by a crash
+            data = fh.read()
+            if not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                fh.truncate(cut)
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != self.columns:
+                raise InputError(
+                    f"{self.path}: existing results have columns {reader.fieldnames}, this model writes {self.columns}; "
+                    "use another --output"
+                )
+            return list(reader)
+
+    def rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, self.columns)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def append(self, rows: list[dict]) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, self.columns)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _draw_overlay(path: str, out_dir: Path, grade_name: str, grade: int, confidence: float, root: str) -> None:
+    image = Image.fromarray(read_image(path, 3))
+    w, h = image.size
+    draw = ImageDraw.Draw(image)
+    colour = _COLOURS[min(grade, len(_COLOURS) - 1)]
+    border = max(2, min(w, h) // 60)
+    draw.rectangle([0, 0, w - 1, h - 1], outline=colour, width=border)
+    size = max(12, min(w, h) // 12)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - old Pillow
+        font = ImageFont.load_default()
+    text = f"{grade_name} {confidence:.0%}"
+    box = draw.textbbox((border + 2, border + 2), text, font=font)
+    draw.rectangle(box, fill=(0, 0, 0))
+    draw.text((border + 2, border + 2), text, fill=colour, font=font)
+    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    target = out_dir / (rel if not rel.startswith("..") else os.path.basename(path))
+    target = target.with_suffix(".png")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, target)
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did."""
+
+    total: int
+    skipped: int
+    scored: int
+    errors: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _columns(class_names: list[str]) -> list[str]:
+    return ["path", "grade", "grade_name", "confidence", *[f"p_{n}" for n in class_names], "error"]
+
+
+def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = previous + journal.read_rows()
+    columns = journal.columns
+    table = {c: [r.get(c, "") for r in rows] for c in columns}
+    for c in columns:
+        if c == "grade":
+            table[c] = [int(v) if v not in ("", None) else None for v in table[c]]
+        elif c == "confidence" or c.startswith("p_"):
+            table[c] = [float(v) if v not in ("", None) else None for v in table[c]]
+    tmp = output.with_name(output.name + ".tmp")
+    pq.write_table(pa.table(table), tmp)
+    os.replace(tmp, output)
+    journal.path.unlink(missing_ok=True)
+
+
+def score(
+    ckpt: str | os.PathLike | LoadedModel,
+    inputs: str | Iterable[str],
+    output: str | os.PathLike,
+    overlays: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    num_workers: int | None = None,
+    tta_views: int | None = None,
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Score inputs with a checkpoint and write/resume ``output`` (.csv or .parquet). See module docstring."""
+    output = Path(output)
+    if output.suffix.lower() not in (".csv", ".parquet"):
+        raise InputError(f"{output}: output must end in .csv or .parquet")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    loaded = ckpt if isinstance(ckpt, LoadedModel) else load_inspection_model(ckpt)
+    model = loaded.model.to(device).eval()
+    views = loaded.tta_views if tta_views is None else tta_views
+    paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
+    root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
+    columns = _columns(loaded.class_names)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    parquet = output.suffix.lower() == ".parquet"
+    writer = _RowWriter(output.with_name(output.name + ".partial.csv") if parquet else output, columns)
+    previous: list[dict] = []
+    if parquet and output.exists():
+        import pyarrow.parquet as pq
+
+        previous = [{k: ("" if v is None else v) for k, v in r.items()} for r in pq.read_table(output).to_pylist()]
+    done_rows = previous + writer.read_rows()
+    if retry_errors:
+        kept = [r for r in done_rows if not r.get("error")]
+        if len(kept) != len(done_rows):
+            previous = [r for r in previous if not r.get("error")]
+            writer.rewrite([r for r in writer.read_rows() if not r.get("error")])
+            done_rows = kept
+    done = {r["path"] for r in done_rows}
+    todo = [p for p in paths if p not in done]
+
+    overlay_dir = Path(overlays) if overlays else None
+    if num_workers is None:
+        num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+    loader = DataLoader(
+        ScoringImageDataset(todo, loaded.image_size, loaded.channels),
+        batch_size=batch_size,
+        num_workers=num_workers if todo else 0,
+        pin_memory=device.startswith("cuda"),
+        prefetch_factor=4 if num_workers and todo else None,
+    )
+    scored = errors = 0
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=2) if overlay_dir else None
+    pending = []
+    bar = tqdm(total=len(todo), unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                ok = torch.tensor([not e for e in batch["error"]])
+                rows: list[dict] = []
+                probs = np.zeros((len(ok), len(loaded.class_names)), dtype=np.float64)
+                if ok.any():
+                    images = batch["image"][ok].to(device, non_blocking=True)
+                    pred = predict_grades(model, images, views)
+                    probs[ok.numpy()] = pred.probs.float().cpu().numpy()
+                for i, path in enumerate(batch["path"]):
+                    if batch["error"][i]:
+                        rows.append({c: "" for c in columns} | {"path": path, "error": batch["error"][i]})
+                        errors += 1
+                        continue
+                    g = int(probs[i].argmax())
+                    row = {"path": path, "grade": g, "grade_name": loaded.class_names[g], "confidence": f"{probs[i, g]:.6f}", "error": ""}
+                    row |= {f"p_{n}": f"{p:.6f}" for n, p in zip(loaded.class_names, probs[i])}
+                    rows.append(row)
+                    scored += 1
+                    if pool is not None:
+                        pending.append(pool.submit(_draw_overlay, path, overlay_dir, loaded.class_names[g], g, float(probs[i, g]), root))
+                writer.append(rows)
+                bar.update(len(rows))
+                bar.set_postfix(errors=errors, refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            for f in pending:
+                if f.exception() is not None:
+                    log.warning("overlay failed: %s", f.exception())
+            pool.shutdown()
+    if parquet:
+        _finalise_parquet(writer, output, previous)
+    return ScoreSummary(len(paths), len(paths) - len(todo), scored, errors, time.perf_counter() - start, str(output))
+
+
+def _manifest_labels(manifest: Path, class_names: list[str]) -> dict[str, int] | None:
+    """path → grade index from a CSV manifest's ``label`` column; None without labels."""
+    try:
+        records, _ = records_from_manifest(manifest, class_names)
+    except DatasetFormatError as exc:
+        raise InputError(str(exc)) from exc
+    labels = {r.path: r.label for r in records if r.label >= 0}
+    return labels or None
+
+
+def evaluate_scores(output: str | os.PathLike, manifest: str | os.PathLike, class_names: list[str]) -> dict | None:
+    """Metrics of a finished scoring ``output`` against a labelled CSV ``manifest`` (None if unlabelled).
+
+    Writes them to ``<output>.metrics.json`` and returns them.
+    """
+    output = Path(output)
+    labels = _manifest_labels(Path(manifest), class_names)
+    if labels is None:
+        return None
+    if output.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(output).to_pylist()
+    else:
+        with open(output, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    rows = [r for r in rows if not r.get("error") and r["path"] in labels]
+    if not rows:
+        return None
+    probs = np.array([[float(r[f"p_{n}"]) for n in class_names] for r in rows])
+    metrics = grade_metrics(probs, np.array([labels[r["path"]] for r in rows])) | {"class_names": class_names}
+    metrics["missing_or_failed"] = len(labels) - len(rows)
+    with open(output.with_name(output.name + ".metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2)
+    return metrics
+
+
+def _print_metrics(m: dict) -> None:
+    names = m["class_names"]
+    print(f"labelled {m['n']}: acc {100 * m['acc']:.1f}%  macro-F1 {m['macro_f1']:.3f}  AUROC ok-vs-defective {m['auroc_defective']:.3f}")
+    print("recall: " + "  ".join(f"{n} {100 * r:.1f}%" for n, r in zip(names, m["recall"])))
+    print(format_confusion(names, m["confusion"]))
+    if m["missing_or_failed"]:
+        print(f"({m['missing_or_failed']} labelled inputs failed or were not scored and are left out)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Score images with a lineside checkpoint; resumable, one row per input.")
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or ensemble.ckpt from crossval.py")
+    ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
+    ap.add_argument("--output", required=True, help="results .csv or .parquet (resumed if it exists)")
+    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with grade and confidence)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: cores - 1, at most 4)")
+    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="dihedral test-time views (default: as trained)")
+    ap.add_argument("--retry-errors", action="store_true", help="on resume, score again the rows that had errors")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
+    try:
+        loaded = load_inspection_model(a.ckpt)
+        if labelled:  # bad labels are reported before any scoring
+            labelled = _manifest_labels(Path(a.input), loaded.class_names) is not None
+        s = score(loaded, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, a.tta, a.retry_errors, not a.no_progress)
+    except (InputError, RuntimeError, FileNotFoundError) as exc:
+        print(f"score.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"scored {s.scored}, errors {s.errors}, skipped (already done) {s.skipped} of {s.total} inputs "
+        f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s) → {s.output}"
+    )
+    metrics = evaluate_scores(a.output, a.input, loaded.class_names) if labelled else None
+    if metrics:
+        _print_metrics(metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
