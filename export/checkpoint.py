@@ -28,6 +28,8 @@ class LoadedModel:
         channels: 1 (grayscale) or 3 (RGB).
         tta_views: dihedral test-time views used in evaluation.
         config: the model's ``class_path``/``init_args`` config.
+        source: the checkpoint file it came from.
+        training_config: the run's hyperparameters (model and data sections) as recorded.
     """
 
     model: nn.Module
@@ -36,6 +38,8 @@ class LoadedModel:
     channels: int
     tta_views: int = 1
     config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    training_config: dict[str, Any] = field(default_factory=dict)
 
 
 # Before lineside 0.2 the folders installed as top-level modules (``fusion.InspectionModel``);
@@ -112,4 +116,23 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
         channels=int(meta.get("channels") or 1),
         tta_views=int(meta.get("tta_views") or 1),
         config=meta["model_config"],
+        source=ckpt_path,
+        training_config={
+            "model": _plain(ckpt.get("hyper_parameters") or {}),
+            "data": _plain(ckpt.get("datamodule_hyper_parameters") or {}),
+            "ensemble": _plain({k: v for k, v in (ensemble or {}).items() if k != "member_configs"}),
+        },
     )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of recorded hyperparameters (unknown objects become their repr)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)

@@ -1,0 +1,170 @@
+"""DeployableModel: the one module every backend runs (eager torch, ONNX Runtime, AOTInductor, TensorRT).
+
+    uint8 frames (N, C, H, W) → FramePreprocessor (resize to the training size, inside)
+        → InspectionModel / InspectionEnsemble (normalisation inside the image encoder)
+        → decoders (test-time views folded in) → named outputs
+
+Outputs are listed as :class:`TensorSpec` rows (name, dtype, shape, kind). A new head adds a
+decoder with its own rows; metadata, the parity check, Triton configs and the station read
+the rows, never a hard-coded list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lineside.export.checkpoint import LoadedModel
+from lineside.fusion.postprocess import dihedral_views
+from lineside.vision.preprocess import FramePreprocessor
+
+__all__ = ["TensorSpec", "GradeDecoder", "DeployableModel", "build_deployable", "parse_size"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output of a deployable model.
+
+    Attributes:
+        name: tensor name in every artefact (ONNX, TensorRT, Triton).
+        dtype: numpy dtype name (``uint8``, ``float32``, ``int64``).
+        shape: dims, ``"N"`` for the dynamic batch axis.
+        kind: ``"float"`` (compared by max |Δ| in parity checks), ``"decoded"`` (discrete
+            decisions, compared by agreement) or ``"input"``.
+        description: what it holds.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    kind: str
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+class GradeDecoder(nn.Module):
+    """Grade logits of ``V·N`` dihedral views → averaged probabilities and the decided grade.
+
+    Shapes:
+        forward: logits (V·N, K) → (grade_probs (N, K) float32, grade (N,) int64).
+    """
+
+    def __init__(self, num_grades: int, tta_views: int = 1) -> None:
+        super().__init__()
+        self.num_grades = num_grades
+        self.tta_views = tta_views
+
+    def outputs(self) -> list[TensorSpec]:
+        k = self.num_grades
+        return [
+            TensorSpec("grade_probs", "float32", ("N", k), "float", "severity grade probabilities (decision offsets folded in)"),
+            TensorSpec("grade", "int64", ("N",), "decoded", "decided grade index (argmax of grade_probs)"),
+        ]
+
+    def forward(self, grade_logits: Tensor) -> tuple[Tensor, Tensor]:
+        probs = grade_logits.float().softmax(-1)
+        if self.tta_views > 1:
+            probs = probs.reshape(self.tta_views, -1, probs.shape[-1]).mean(0)
+        return probs, probs.argmax(-1)
+
+
+class DeployableModel(nn.Module):
+    """uint8 frames in, named decoded outputs out (a tuple in :meth:`output_names` order).
+
+    Args:
+        model: an ``InspectionModel`` or ``InspectionEnsemble`` (returns ``grade_logits``).
+        train_size: (H, W) the model was trained on.
+        input_size: (H, W) of the frames the artefact takes (fixed at export); default ``train_size``.
+        channels: 1 or 3.
+        tta_views: dihedral test-time views folded into the graph (1 = off).
+        class_names: grade names.
+
+    Shapes:
+        forward: image (N, C, H_in, W_in) uint8 → (grade_probs (N, K) float32, grade (N,) int64).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_size: Sequence[int],
+        input_size: Sequence[int] | None = None,
+        channels: int = 1,
+        tta_views: int = 1,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.train_size = (int(train_size[0]), int(train_size[1]))
+        self.input_size = tuple(int(v) for v in (input_size or self.train_size))
+        self.channels = channels
+        self.tta_views = tta_views
+        if tta_views > 1 and self.train_size[0] != self.train_size[1]:
+            raise ValueError(f"test-time views need a square training size, got {self.train_size}")
+        self.preprocess = FramePreprocessor(self.train_size)
+        self.class_names = list(class_names or [str(i) for i in range(model.num_grades)])
+        self.grade_decoder = GradeDecoder(model.num_grades, tta_views)
+
+    def input_spec(self) -> TensorSpec:
+        h, w = self.input_size
+        return TensorSpec("image", "uint8", ("N", self.channels, h, w), "input", "camera frames, uint8, fixed size")
+
+    def output_specs(self) -> list[TensorSpec]:
+        return self.grade_decoder.outputs()
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.output_specs()]
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        x = self.preprocess(image)
+        if self.tta_views > 1:
+            x = dihedral_views(x, self.tta_views)
+        out = self.model(x)
+        return self.grade_decoder(out.grade_logits)
+
+    @torch.inference_mode()
+    def run(self, image: Tensor) -> dict[str, Tensor]:
+        """Eager convenience: named outputs as a dict."""
+        return dict(zip(self.output_names, self(image)))
+
+
+def parse_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"300"`` / ``"300x200"`` (H×W) / 300 / (300, 200) → (H, W); None stays None."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        return (text, text)
+    if isinstance(text, str):
+        parts = text.lower().replace("×", "x").split("x")
+        try:
+            vals = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"input size {text!r}: use H or HxW in pixels, e.g. 300x300") from None
+    else:
+        vals = [int(v) for v in text]
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 16:
+        raise ValueError(f"input size {text!r}: use H or HxW, each at least 16 px")
+    return (vals[0], vals[1])
+
+
+def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None = None, tta_views: int | None = None) -> DeployableModel:
+    """The deployable module of a loaded checkpoint (eval mode, on the CPU)."""
+    train = (loaded.image_size, loaded.image_size)
+    size = parse_size(input_size) if not isinstance(input_size, tuple) else input_size
+    return DeployableModel(
+        loaded.model.eval(),
+        train_size=train,
+        input_size=size,
+        channels=loaded.channels,
+        tta_views=loaded.tta_views if tta_views is None else tta_views,
+        class_names=loaded.class_names,
+    ).eval()

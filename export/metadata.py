@@ -1,0 +1,123 @@
+"""``metadata.json`` beside every exported artefact: what it is, what it takes and gives, where it came from.
+
+Keys: ``format``, ``artefact``, ``artefact_sha256``, ``model_sha256`` (the source checkpoint),
+``class_names``, ``inputs`` / ``outputs`` (name, dtype, shape with ``"N"`` for the dynamic batch,
+kind), ``dynamic_axes``, ``batch_sizes``, ``preprocessing`` (input size, training size, resize,
+normalisation constants, test-time views), ``training_config``, ``versions`` (lineside, torch,
+onnx, onnxruntime …) and format-specific entries (``opset``, ``precision``, ``tensorrt`` …).
+
+Lookup for an artefact ``X``: ``X.json`` beside it (``model.qdq.onnx.json``), else the folder's
+``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from importlib import metadata as _im
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetadataError", "build_metadata", "file_sha256", "metadata_path", "read_metadata", "write_metadata", "package_versions"]
+
+
+class MetadataError(RuntimeError):
+    """A metadata file is missing or does not describe the artefact."""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions(*extra: str) -> dict[str, str]:
+    names = ("lineside", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "onnxslim", *extra)
+    out = {}
+    for n in names:
+        try:
+            out[n] = _im.version(n)
+        except _im.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict:
+    """Metadata of a :class:`export.deployable.DeployableModel` built from ``loaded`` (a LoadedModel)."""
+    encoders = [m for m in deployable.modules() if hasattr(m, "scale") and hasattr(m, "shift") and hasattr(m, "input_norm")]
+    norm = {}
+    if encoders:
+        enc = encoders[0]
+        norm = {"input_norm": enc.input_norm, "scale": enc.scale.flatten().tolist(), "shift": enc.shift.flatten().tolist(),
+                "formula": "x * scale + shift, x in 0..255 (inside the graph)"}
+    outputs = [s.to_dict() for s in deployable.output_specs()]
+    source = getattr(loaded, "source", "") or ""
+    meta = {
+        "format": fmt,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_sha256": file_sha256(source) if source and os.path.isfile(source) else None,
+        "source_checkpoint": os.path.abspath(source) if source else None,
+        "task": "grading",
+        "class_names": list(deployable.class_names),
+        "inputs": [deployable.input_spec().to_dict()],
+        "outputs": outputs,
+        "dynamic_axes": {s["name"]: {"0": "N"} for s in [deployable.input_spec().to_dict(), *outputs]},
+        "preprocessing": {
+            "input": "uint8 (N, C, H, W) frames, decoded outside, everything after inside the model",
+            "input_size": list(deployable.input_size),
+            "train_size": list(deployable.train_size),
+            "channels": deployable.channels,
+            "resize": "bilinear, half-pixel centres, no antialias, rounded to uint8 levels (OpenCV INTER_LINEAR); "
+            "frames of another size are resized to input_size on the host with OpenCV INTER_LINEAR",
+            "normalisation": norm,
+            "tta_views": deployable.tta_views,
+        },
+        "training_config": getattr(loaded, "training_config", {}) or {"model": getattr(loaded, "config", {})},
+        "versions": package_versions(),
+    }
+    meta.update(extra)
+    return meta
+
+
+def metadata_path(artefact: str | os.PathLike) -> Path:
+    """Where the metadata of ``artefact`` lives (see module docstring); the first candidate if none exists."""
+    p = Path(artefact)
+    if p.is_dir():
+        return p / "metadata.json"
+    own = p.with_name(p.name + ".json")
+    if own.is_file():
+        return own
+    return p.parent / "metadata.json"
+
+
+def write_metadata(meta: dict, artefact: str | os.PathLike, own_file: bool = False) -> Path:
+    """Write ``meta`` (with the artefact's name and hash) beside ``artefact``; atomic."""
+    p = Path(artefact)
+    meta = dict(meta, artefact=p.name, artefact_sha256=file_sha256(p) if p.is_file() else None)
+    target = p.with_name(p.name + ".json") if own_file else p.parent / "metadata.json"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def read_metadata(artefact: str | os.PathLike, required: bool = True) -> dict:
+    """The metadata of ``artefact`` (a file or an export folder)."""
+    path = metadata_path(artefact)
+    if not path.is_file():
+        if required:
+            raise MetadataError(f"{artefact}: no metadata beside it (looked for {path}); export with `lineside export ...`")
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MetadataError(f"{path}: unreadable metadata ({exc})") from exc
+    name = meta.get("artefact")
+    if name and Path(artefact).is_file() and name != Path(artefact).name and path.name == "metadata.json":
+        own = Path(artefact)
+        raise MetadataError(f"{path} describes {name}, not {own.name}; give {own.name} its own {own.name}.json")
+    return meta

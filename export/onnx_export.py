@@ -1,0 +1,208 @@
+"""ONNX export with pre/post-processing in the graph, metadata beside it and a parity check after it.
+
+    lineside export onnx --ckpt runs/quickstart/checkpoints/best.ckpt --out export/quickstart
+    lineside export onnx --ckpt ensemble.ckpt --out export/ens --input-size 300x300 --batch-sizes 1,8,32
+    lineside export onnx --ckpt best.ckpt --out export/fp16 --fp16
+
+The graph takes ``image`` uint8 (N, C, H, W) at a fixed H×W (``--input-size``, default the
+training size; resized to the training size inside) with a dynamic batch, and returns the
+named outputs of :class:`export.deployable.DeployableModel` (``grade_probs`` float32 (N, K),
+``grade`` int64 (N,)). torch.onnx's dynamo exporter at a fixed opset, simplified with
+onnxslim. After every export the graph is run by ONNX Runtime on real images (ELPV cells from
+the installed package, or ``--calib DIR``) against the eager model: max |Δ| of every float
+output and agreement of every decoded output; a failing check exits non-zero. The graph is
+also checked for operators TensorRT's ONNX parser lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lineside.export.backends import OnnxRuntimeBackend, TorchBackend
+from lineside.export.calibration import real_images
+from lineside.export.checkpoint import LoadedModel, load_inspection_model
+from lineside.export.deployable import DeployableModel, build_deployable, parse_size
+from lineside.export.metadata import build_metadata, write_metadata
+from lineside.export.parity import ParityReport, check_parity
+from lineside.export.trt_ops import unsupported_ops
+
+__all__ = ["OPSET", "ExportResult", "export_onnx", "onnx_graph", "parse_batch_sizes", "main"]
+
+log = logging.getLogger("lineside.export")
+
+OPSET = 18  # TensorRT 10 parses opsets 9–20; 18 has Resize antialias and the reduce ops with axes inputs
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how its parity check went."""
+
+    path: Path
+    metadata: dict
+    parity: ParityReport | None = None
+    unsupported: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.parity is None or self.parity.ok
+
+
+def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
+    vals = [int(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    if not vals or min(vals) < 1:
+        raise ValueError(f"batch sizes {text!r}: give positive integers, e.g. 1,8,32")
+    return sorted(set(vals))
+
+
+class _HalfCompute(torch.nn.Module):
+    """fp16 graph: uint8 in → preprocessing in fp32 → model in fp16 → decoded outputs in fp32."""
+
+    def __init__(self, deployable: DeployableModel) -> None:
+        super().__init__()
+        self.d = deployable
+        self.d.model.half()
+
+    def forward(self, image: torch.Tensor):
+        from lineside.fusion.postprocess import dihedral_views
+
+        d = self.d
+        x = d.preprocess(image)
+        if d.tta_views > 1:
+            x = dihedral_views(x, d.tta_views)
+        logits = d.model(x.half()).grade_logits.float()
+        return d.grade_decoder(logits)
+
+
+def onnx_graph(deployable: DeployableModel, path: str | os.PathLike, opset: int = OPSET, fp16: bool = False, simplify: bool = True) -> Path:
+    """Export ``deployable`` to ``path`` (dynamo exporter, dynamic batch ``N``), simplified with onnxslim."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = _HalfCompute(deployable) if fp16 else deployable
+    c, (h, w) = deployable.channels, deployable.input_size
+    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8)
+    batch = torch.export.Dim("N", min=1, max=4096)
+    tmp = path.with_name(path.name + ".raw.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(tmp), dynamo=True, opset_version=opset, input_names=["image"],
+            output_names=deployable.output_names, dynamic_shapes={"image": {0: batch}}, external_data=False,
+            optimize=True, verbose=False,
+        )
+    model = onnx.load(str(tmp))
+    tmp.unlink(missing_ok=True)
+    if simplify:
+        import onnxslim
+
+        model = onnxslim.slim(model)
+    _name_batch_axis(model, deployable.output_names)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _name_batch_axis(model, output_names: Sequence[str]) -> None:
+    """Call the dynamic batch axis ``N`` on the input and every output (Triton and TensorRT read it)."""
+    for vi in [*model.graph.input, *[o for o in model.graph.output if o.name in output_names]]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "N"
+
+
+def export_onnx(
+    source: str | os.PathLike | LoadedModel,
+    out_dir: str | os.PathLike,
+    input_size: Sequence[int] | str | None = None,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    fp16: bool = False,
+    opset: int = OPSET,
+    calib: str | os.PathLike | None = None,
+    parity_images: int = 32,
+    tta_views: int | None = None,
+    simplify: bool = True,
+) -> ExportResult:
+    """Export a checkpoint to ``out_dir/model.onnx`` + ``metadata.json`` and check parity on real images.
+
+    Returns an :class:`ExportResult`; ``result.ok`` is False when parity failed (the files stay,
+    for inspection). ``parity_images=0`` skips the check (tests of the exporter itself).
+    """
+    start = time.perf_counter()
+    loaded = source if isinstance(source, LoadedModel) else load_inspection_model(source)
+    deployable = build_deployable(loaded, parse_size(input_size) if isinstance(input_size, str) else input_size, tta_views)
+    out = Path(out_dir)
+    path = onnx_graph(deployable, out / "model.onnx", opset, fp16, simplify)
+    deployable = build_deployable(loaded, deployable.input_size, tta_views)  # fresh fp32 reference (fp16 casts in place)
+    bad_ops = unsupported_ops(path)
+    precision = "fp16" if fp16 else "fp32"
+    meta = build_metadata(
+        deployable, loaded, "onnx", precision=precision, opset=opset, batch_sizes=parse_batch_sizes(batch_sizes),
+        exporter=f"torch.onnx (dynamo), torch {torch.__version__}" + (", onnxslim" if simplify else ""),
+        tensorrt_unsupported_ops=bad_ops,
+    )
+    write_metadata(meta, path)
+    result = ExportResult(path, meta, None, bad_ops)
+    if parity_images:
+        images, _ = real_images(calib, deployable.input_size, deployable.channels, parity_images)
+        reference = TorchBackend(deployable=deployable, loaded=loaded)
+        candidate = OnnxRuntimeBackend(path)
+        result.parity = check_parity(reference, candidate, images, precision, batch_size=max(1, min(8, len(images))))
+        meta["parity"] = result.parity.to_dict()
+        write_metadata(meta, path)
+    result.metadata = meta
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lineside export onnx", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="checkpoint from `lineside fit` or ensemble.ckpt from `lineside crossval`")
+    ap.add_argument("--out", required=True, help="output folder: model.onnx + metadata.json")
+    ap.add_argument("--input-size", default=None, help="H or HxW of the frames the graph takes (default: the training size)")
+    ap.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to serve (recorded; TensorRT profiles use them)")
+    ap.add_argument("--fp16", action="store_true", help="fp16 weights and compute (uint8 in, fp32 outputs)")
+    ap.add_argument("--opset", type=int, default=OPSET)
+    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="test-time views in the graph (default: as trained)")
+    ap.add_argument("--calib", default=None, help="folder / glob / CSV of your own images for the parity check (default: ELPV cells)")
+    ap.add_argument("--parity-images", type=int, default=32)
+    ap.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        r = export_onnx(a.ckpt, a.out, a.input_size, parse_batch_sizes(a.batch_sizes), a.fp16, a.opset, a.calib,
+                        a.parity_images, a.tta, not a.no_simplify)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"lineside export onnx: error: {exc}", file=sys.stderr)
+        return 1
+    size_mb = r.path.stat().st_size / 1e6
+    print(f"wrote {r.path} ({size_mb:.1f} MB, opset {a.opset}, {r.metadata['precision']}) and {r.path.parent / 'metadata.json'} in {r.seconds:.1f} s")
+    print("inputs:  " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["inputs"]))
+    print("outputs: " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["outputs"]))
+    if r.unsupported:
+        print("operators TensorRT's ONNX parser lacks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.unsupported.items())))
+    else:
+        print("TensorRT operator check: every operator is in TensorRT's ONNX support list")
+    if r.parity is not None:
+        print(r.parity.table())
+        (r.path.parent / "parity.json").write_text(json.dumps(r.parity.to_dict(), indent=2) + "\n")
+        if not r.parity.ok:
+            print("lineside export onnx: parity FAILED: the exported graph disagrees with the trained model", file=sys.stderr)
+            return 1
+    return 0 if not r.unsupported else 3

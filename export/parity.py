@@ -1,0 +1,116 @@
+"""Parity: does an exported artefact give what the trained model gives, on real images?
+
+Every output listed in the metadata is compared: ``float`` outputs by max |Δ| against a
+tolerance, ``decoded`` outputs (grades, later box classes …) by the share of items that agree.
+A new head adds rows to the metadata, never code here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = ["ParityRow", "ParityReport", "Tolerance", "TOLERANCES", "check_parity", "compare_outputs"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass limits: ``atol`` on float outputs, ``min_agreement`` on decoded outputs."""
+
+    atol: float = 1e-4
+    min_agreement: float = 1.0
+
+
+# by artefact precision: fp32 graphs must match to float noise and decide identically
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(1e-4, 1.0),
+    "fp16": Tolerance(1e-2, 0.98),
+    "bf16": Tolerance(3e-2, 0.95),
+    "int8": Tolerance(0.1, 0.90),
+}
+
+
+@dataclass
+class ParityRow:
+    output: str
+    kind: str
+    metric: str
+    value: float
+    limit: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    candidate: str
+    n_images: int
+    rows: list[ParityRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    def table(self) -> str:
+        head = f"parity: {self.candidate} vs {self.reference} on {self.n_images} real images"
+        lines = [head, f"  {'output':<16} {'kind':<8} {'metric':<10} {'value':>10} {'limit':>10}  result"]
+        for r in self.rows:
+            value = f"{r.value:.2e}" if r.metric == "max|Δ|" else f"{100 * r.value:.2f}%"
+            limit = f"{r.limit:.0e}" if r.metric == "max|Δ|" else f"≥{100 * r.limit:.0f}%"
+            lines.append(f"  {r.output:<16} {r.kind:<8} {r.metric:<10} {value:>10} {limit:>10}  {'ok' if r.ok else 'FAIL'}{' ' + r.detail if r.detail else ''}")
+        lines.append(f"  → {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "candidate": self.candidate, "n_images": self.n_images, "ok": self.ok,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], specs: list[dict], tol: Tolerance) -> list[ParityRow]:
+    """Rows comparing every output in ``specs`` (metadata ``outputs``)."""
+    rows = []
+    for spec in specs:
+        name, kind = spec["name"], spec.get("kind", "float")
+        if name not in cand or name not in ref:
+            rows.append(ParityRow(name, kind, "present", 0.0, 1.0, False, "missing from " + ("candidate" if name not in cand else "reference")))
+            continue
+        a, b = np.asarray(ref[name]), np.asarray(cand[name])
+        if a.shape != b.shape:
+            rows.append(ParityRow(name, kind, "shape", 0.0, 1.0, False, f"{a.shape} vs {b.shape}"))
+            continue
+        if kind == "decoded":
+            agree = float((a == b).reshape(len(a), -1).all(1).mean()) if len(a) else 1.0
+            n_bad = int(round((1 - agree) * len(a)))
+            rows.append(ParityRow(name, kind, "agreement", agree, tol.min_agreement, agree >= tol.min_agreement,
+                                  f"({n_bad} of {len(a)} differ)" if n_bad else ""))
+        else:
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            finite = bool(np.isfinite(b64).all())
+            delta = float(np.abs(a64 - b64).max()) if a.size else 0.0
+            rows.append(ParityRow(name, kind, "max|Δ|", delta, tol.atol, finite and delta <= tol.atol, "" if finite else "non-finite values"))
+    return rows
+
+
+def check_parity(reference, candidate, images: np.ndarray, tolerance: Tolerance | str = "fp32", batch_size: int = 8) -> ParityReport:
+    """Run ``reference`` and ``candidate`` backends on the same uint8 ``images`` and compare every output.
+
+    Args:
+        reference: a :class:`export.backends.Backend` (usually eager torch on the checkpoint).
+        candidate: the exported artefact's backend.
+        images: (N, C, H, W) uint8 at the candidate's input size.
+        tolerance: a :class:`Tolerance` or a precision name in :data:`TOLERANCES`.
+        batch_size: images per call (odd tails exercise the dynamic batch).
+    """
+    tol = TOLERANCES[tolerance] if isinstance(tolerance, str) else tolerance
+    refs, cands = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        refs.append(reference(x))
+        cands.append(candidate(x))
+    ref = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
+    cand = {k: np.concatenate([c[k] for c in cands]) for k in cands[0]}
+    report = ParityReport(reference.describe(), candidate.describe(), len(images))
+    report.rows = compare_outputs(ref, cand, candidate.output_specs or reference.output_specs, tol)
+    return report
