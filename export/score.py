@@ -1,7 +1,15 @@
-"""Batch offline scoring of a folder, glob or CSV manifest with a trained lineside checkpoint.
+"""Batch offline scoring of a folder, glob or CSV manifest with a trained lineside model, through any backend.
 
-    python score.py --ckpt runs/el_grading/checkpoints/best.ckpt --input /data/cells --output results.csv
-    python score.py --ckpt best.ckpt --input "lines/*/cam0/*.png" --output results.parquet --overlays overlays/
+    lineside score --model runs/el_grading/checkpoints/best.ckpt --input /data/cells --output results.csv
+    lineside score --model best.ckpt --input "lines/*/cam0/*.png" --output results.parquet --overlays overlays/
+    lineside score --model export/quickstart/model.onnx --input /data/cells --output results.csv
+
+``--model`` takes a checkpoint or any exported artefact (``.onnx``, ``.pt2``, ``.engine``, an
+export folder). Files are decoded to uint8 outside the model and everything after runs inside
+it (:class:`export.deployable.DeployableModel`), so a file gets the same grade through every
+backend. With a checkpoint, ``--backend auto`` (the default) exports it once to ONNX (cached,
+parity-checked on real images) and scores with ONNX Runtime, the fastest CPU backend; on a GPU
+it runs eager torch. ``--backend torch`` keeps eager PyTorch.
 
 One row per input: path, grade, grade_name, confidence, p_<grade> per grade, error. Rows are
 appended (and fsync'ed) as each batch finishes, so a crash loses nothing already scored; running
@@ -13,8 +21,8 @@ A CSV manifest with a ``label`` column (class name or index) is also an evaluati
 scoring, accuracy, macro-F1, per-grade recall, the confusion matrix and AUROC ok-vs-defective
 are printed and written to ``<output>.metrics.json`` (rows with errors or without label are left out).
 
-    python -m lineside.vision.elpv manifest --split test --out elpv_test.csv
-    python score.py --ckpt runs/el_grading_cv/ensemble.ckpt --input elpv_test.csv --output test_scores.csv
+    lineside elpv manifest --split test --out elpv_test.csv
+    lineside score --model runs/el_grading_cv/ensemble.ckpt --input elpv_test.csv --output test_scores.csv
 """
 
 from __future__ import annotations
@@ -40,15 +48,15 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from lineside.export.backends import Backend, BackendError, TorchBackend, load_backend  # noqa: E402
 from lineside.export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
+from lineside.export.deployable import build_deployable, parse_size  # noqa: E402
 from lineside.fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
-from lineside.fusion.postprocess import predict_grades  # noqa: E402
 from lineside.vision.image_dataset import ScoringImageDataset  # noqa: E402
 from lineside.vision.io import InputError, collect_inputs, read_image  # noqa: E402
 from lineside.vision.records import DatasetFormatError, records_from_manifest  # noqa: E402
-from lineside.vision.transforms import build_eval_transform  # noqa: E402
 
-__all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "score", "main"]
+__all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "open_model", "score", "main"]
 
 log = logging.getLogger("lineside.score")
 
@@ -136,6 +144,7 @@ class ScoreSummary:
     errors: int
     seconds: float
     output: str
+    backend: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -164,8 +173,71 @@ def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -
     journal.path.unlink(missing_ok=True)
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LINESIDE_CACHE") or Path.home() / ".cache" / "lineside")
+
+
+def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_views: int | None) -> Path:
+    """The checkpoint exported once to ONNX (parity-checked on real images), cached by checkpoint hash."""
+    from lineside.export.metadata import file_sha256
+    from lineside.export.onnx_export import export_onnx
+
+    size = input_size or (loaded.image_size, loaded.image_size)
+    views = loaded.tta_views if tta_views is None else tta_views
+    key = f"{file_sha256(loaded.source)[:16]}-{size[0]}x{size[1]}-tta{views}"
+    folder = _cache_dir() / "onnx" / key
+    path = folder / "model.onnx"
+    if path.is_file() and (folder / "metadata.json").is_file():
+        return path
+    log.info("exporting %s to ONNX once (cached in %s) ...", loaded.source, folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    result = export_onnx(loaded, tmp, size, tta_views=views, parity_images=16)
+    if not result.ok:
+        raise BackendError(f"ONNX export of {loaded.source} failed its parity check:\n{result.parity.table()}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return path
+
+
+def open_model(
+    model: str | os.PathLike | LoadedModel | Backend,
+    backend: str = "auto",
+    device: str = "cpu",
+    input_size: str | tuple[int, int] | None = None,
+    tta_views: int | None = None,
+) -> Backend:
+    """A :class:`export.backends.Backend` for a checkpoint, a loaded model or an exported artefact.
+
+    ``backend="auto"``: a checkpoint on the CPU runs as a cached ONNX export in ONNX Runtime
+    (falling back to eager torch, with a warning, when the export is impossible here); on a
+    GPU, eager torch; an exported artefact runs on the backend its suffix names.
+    """
+    if isinstance(model, Backend):
+        return model
+    size = parse_size(input_size) if isinstance(input_size, (str, int)) else input_size
+    is_ckpt = isinstance(model, LoadedModel) or str(model).lower().endswith((".ckpt", ".pt"))
+    if not is_ckpt:
+        if input_size or tta_views:
+            raise InputError(f"{model}: --input-size and --tta are fixed in an exported artefact; re-export to change them")
+        return load_backend(model, None if backend == "auto" else backend, device)
+    loaded = model if isinstance(model, LoadedModel) else load_inspection_model(model)
+    if backend == "auto" and device == "cpu" and loaded.source:
+        try:
+            return load_backend(_cached_onnx(loaded, size, tta_views), "onnxruntime", device)
+        except Exception as exc:  # noqa: BLE001 - any export trouble: the eager model still scores correctly
+            log.warning("ONNX Runtime path unavailable (%s); scoring with eager torch", str(exc).splitlines()[0])
+    if backend not in ("auto", "torch"):
+        raise InputError(f"backend {backend!r} takes an exported artefact; export the checkpoint first (lineside export ...)")
+    return TorchBackend(deployable=build_deployable(loaded, size, tta_views), loaded=loaded, device=device)
+
+
 def score(
-    ckpt: str | os.PathLike | LoadedModel,
+    model: str | os.PathLike | LoadedModel | Backend,
     inputs: str | Iterable[str],
     output: str | os.PathLike,
     overlays: str | os.PathLike | None = None,
@@ -175,19 +247,23 @@ def score(
     tta_views: int | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    backend: str = "auto",
+    input_size: str | tuple[int, int] | None = None,
 ) -> ScoreSummary:
-    """Score inputs with a checkpoint and write/resume ``output`` (.csv or .parquet). See module docstring."""
+    """Score inputs with a model (checkpoint, artefact or backend) and write/resume ``output`` (.csv or .parquet).
+
+    See the module docstring.
+    """
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".parquet"):
         raise InputError(f"{output}: output must end in .csv or .parquet")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    loaded = ckpt if isinstance(ckpt, LoadedModel) else load_inspection_model(ckpt)
-    model = loaded.model.to(device).eval()
-    views = loaded.tta_views if tta_views is None else tta_views
+    runner = open_model(model, backend, device, input_size, tta_views)
+    class_names = runner.class_names
     paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
-    columns = _columns(loaded.class_names)
+    columns = _columns(class_names)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     parquet = output.suffix.lower() == ".parquet"
@@ -211,42 +287,41 @@ def score(
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     loader = DataLoader(
-        ScoringImageDataset(todo, loaded.image_size, loaded.channels),
+        ScoringImageDataset(todo, runner.input_size, runner.channels),
         batch_size=batch_size,
         num_workers=num_workers if todo else 0,
-        pin_memory=device.startswith("cuda"),
         prefetch_factor=4 if num_workers and todo else None,
     )
     scored = errors = 0
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=2) if overlay_dir else None
     pending = []
-    bar = tqdm(total=len(todo), unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc=f"scoring ({runner.name})", disable=not progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode():
-            for batch in loader:
-                ok = torch.tensor([not e for e in batch["error"]])
-                rows: list[dict] = []
-                probs = np.zeros((len(ok), len(loaded.class_names)), dtype=np.float64)
-                if ok.any():
-                    images = batch["image"][ok].to(device, non_blocking=True)
-                    pred = predict_grades(model, images, views)
-                    probs[ok.numpy()] = pred.probs.float().cpu().numpy()
-                for i, path in enumerate(batch["path"]):
-                    if batch["error"][i]:
-                        rows.append({c: "" for c in columns} | {"path": path, "error": batch["error"][i]})
-                        errors += 1
-                        continue
-                    g = int(probs[i].argmax())
-                    row = {"path": path, "grade": g, "grade_name": loaded.class_names[g], "confidence": f"{probs[i, g]:.6f}", "error": ""}
-                    row |= {f"p_{n}": f"{p:.6f}" for n, p in zip(loaded.class_names, probs[i])}
-                    rows.append(row)
-                    scored += 1
-                    if pool is not None:
-                        pending.append(pool.submit(_draw_overlay, path, overlay_dir, loaded.class_names[g], g, float(probs[i, g]), root))
-                writer.append(rows)
-                bar.update(len(rows))
-                bar.set_postfix(errors=errors, refresh=False)
+        for batch in loader:
+            ok = np.array([not e for e in batch["error"]])
+            rows: list[dict] = []
+            probs = np.zeros((len(ok), len(class_names)), dtype=np.float64)
+            grades = np.zeros(len(ok), dtype=np.int64)
+            if ok.any():
+                out = runner(batch["image"].numpy()[ok])
+                probs[ok] = out["grade_probs"]
+                grades[ok] = out["grade"]
+            for i, path in enumerate(batch["path"]):
+                if batch["error"][i]:
+                    rows.append({c: "" for c in columns} | {"path": path, "error": batch["error"][i]})
+                    errors += 1
+                    continue
+                g = int(grades[i])
+                row = {"path": path, "grade": g, "grade_name": class_names[g], "confidence": f"{probs[i, g]:.6f}", "error": ""}
+                row |= {f"p_{n}": f"{p:.6f}" for n, p in zip(class_names, probs[i])}
+                rows.append(row)
+                scored += 1
+                if pool is not None:
+                    pending.append(pool.submit(_draw_overlay, path, overlay_dir, class_names[g], g, float(probs[i, g]), root))
+            writer.append(rows)
+            bar.update(len(rows))
+            bar.set_postfix(errors=errors, refresh=False)
     finally:
         bar.close()
         if pool is not None:
@@ -256,7 +331,7 @@ def score(
             pool.shutdown()
     if parquet:
         _finalise_parquet(writer, output, previous)
-    return ScoreSummary(len(paths), len(paths) - len(todo), scored, errors, time.perf_counter() - start, str(output))
+    return ScoreSummary(len(paths), len(paths) - len(todo), scored, errors, time.perf_counter() - start, str(output), runner.describe())
 
 
 def _manifest_labels(manifest: Path, class_names: list[str]) -> dict[str, int] | None:
@@ -306,33 +381,37 @@ def _print_metrics(m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Score images with a lineside checkpoint; resumable, one row per input.")
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or ensemble.ckpt from crossval.py")
+    ap = argparse.ArgumentParser(prog="lineside score", description="Score images with a lineside model; resumable, one row per input.")
+    ap.add_argument("--model", "--ckpt", dest="model", required=True,
+                    help="checkpoint (lineside fit / crossval's ensemble.ckpt) or exported artefact (.onnx, .pt2, .engine, export folder)")
     ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
     ap.add_argument("--output", required=True, help="results .csv or .parquet (resumed if it exists)")
     ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with grade and confidence)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: cores - 1, at most 4)")
-    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="dihedral test-time views (default: as trained)")
+    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="dihedral test-time views (checkpoints; default: as trained)")
+    ap.add_argument("--backend", default="auto", help="auto (default: a checkpoint runs as a cached ONNX export in ONNX Runtime on the CPU), "
+                    "torch, onnxruntime, aoti, tensorrt")
+    ap.add_argument("--input-size", default=None, help="checkpoints: HxW of the frames the model takes (default: the training size)")
     ap.add_argument("--retry-errors", action="store_true", help="on resume, score again the rows that had errors")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
     try:
-        loaded = load_inspection_model(a.ckpt)
+        runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta)
         if labelled:  # bad labels are reported before any scoring
-            labelled = _manifest_labels(Path(a.input), loaded.class_names) is not None
-        s = score(loaded, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, a.tta, a.retry_errors, not a.no_progress)
-    except (InputError, RuntimeError, FileNotFoundError) as exc:
-        print(f"score.py: error: {exc}", file=sys.stderr)
+            labelled = _manifest_labels(Path(a.input), runner.class_names) is not None
+        s = score(runner, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress)
+    except (InputError, RuntimeError, FileNotFoundError, ValueError) as exc:
+        print(f"lineside score: error: {exc}", file=sys.stderr)
         return 2
     print(
         f"scored {s.scored}, errors {s.errors}, skipped (already done) {s.skipped} of {s.total} inputs "
-        f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s) → {s.output}"
+        f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s, {s.backend}) → {s.output}"
     )
-    metrics = evaluate_scores(a.output, a.input, loaded.class_names) if labelled else None
+    metrics = evaluate_scores(a.output, a.input, runner.class_names) if labelled else None
     if metrics:
         _print_metrics(metrics)
     return 0

@@ -127,3 +127,34 @@ def test_labelled_manifest_is_evaluated(tiny_ckpt, folder, tmp_path, capsys):
     manifest.write_text("path,label\nin/cell0.png,cracked\n")
     assert main(["--ckpt", str(tiny_ckpt), "--input", str(manifest), "--output", str(tmp_path / "e2.csv"), "--num-workers", "0", "--no-progress"]) == 2
     assert "'cracked' is not one of" in capsys.readouterr().err
+
+
+def test_every_backend_gives_the_same_grades(tiny_ckpt, folder, tmp_path):
+    """A checkpoint scores through its cached ONNX export by default; eager torch and the exported
+    graph (given directly) give the same grades and probabilities row for row."""
+    from lineside.export.backends import OnnxRuntimeBackend, TorchBackend
+    from lineside.export.score import open_model
+
+    auto = open_model(tiny_ckpt)
+    assert isinstance(auto, OnnxRuntimeBackend) and auto.metadata["parity"]["ok"]
+    assert isinstance(open_model(tiny_ckpt, backend="torch"), TorchBackend)
+    results = {}
+    for name, model in (("torch", tiny_ckpt), ("auto", tiny_ckpt), ("onnx", auto.path)):
+        out = tmp_path / f"{name}.csv"
+        s = score(model, str(folder), out, batch_size=3, num_workers=0, progress=False, backend="torch" if name == "torch" else "auto")
+        assert s.scored == 8 and s.errors == 3
+        results[name] = {r["path"]: r for r in _rows(out)}
+    for path, row in results["torch"].items():
+        for other in ("auto", "onnx"):
+            assert results[other][path]["grade"] == row["grade"]
+            if not row["error"]:
+                assert abs(float(results[other][path]["confidence"]) - float(row["confidence"])) < 1e-4
+
+
+def test_exported_artefact_refuses_a_new_input_size(tiny_ckpt, tmp_path):
+    from lineside.export.score import open_model
+    from lineside.vision.io import InputError
+
+    onnx_path = open_model(tiny_ckpt).path
+    with pytest.raises(InputError, match="fixed in an exported artefact"):
+        open_model(onnx_path, input_size="128")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -49,29 +50,38 @@ class InspectionImageDataset(Dataset):
 
 
 class ScoringImageDataset(Dataset):
-    """Decodes and resizes one input for batch scoring; a failure becomes an error string, never an exception.
+    """Decodes one input to uint8 at the model's frame size for batch scoring; a failure becomes an
+    error string, never an exception.
 
-    Each sample is ``{"image": (C, S, S) uint8, "path": str, "error": str}`` (a zero image and
+    Each sample is ``{"image": (C, H, W) uint8, "path": str, "error": str}`` (a zero image and
     a message starting with the path when the file cannot be used), so one bad file never stops a batch.
+    The resize is OpenCV ``INTER_LINEAR`` (:func:`vision.preprocess.resize_frame`), exactly
+    the training pipeline's; with ``size`` equal to the training size the model's in-graph
+    resize is then a no-op.
+
+    Args:
+        paths: image files.
+        size: frame side or (H, W).
+        channels: 1 (grayscale) or 3 (RGB).
     """
 
-    def __init__(self, paths: Sequence[str], image_size: int, channels: int) -> None:
-        from lineside.vision.transforms import build_eval_transform
-
+    def __init__(self, paths: Sequence[str], size: int | Sequence[int], channels: int) -> None:
         self.paths = list(paths)
         self.channels = channels
-        self.image_size = image_size
-        self.transform = build_eval_transform(image_size)
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
+        from lineside.vision.preprocess import resize_frame
+
         path = self.paths[i]
         try:
-            image = self.transform(image=read_image(path, self.channels))["image"]
+            frame = resize_frame(read_image(path, self.channels), self.size)
+            image = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))
             error = ""
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-            image = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+            image = torch.zeros(self.channels, *self.size, dtype=torch.uint8)
             error = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
         return {"image": image, "path": path, "error": error}
