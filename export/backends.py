@@ -106,7 +106,8 @@ class TorchBackend(Backend):
         path: a ``train.py`` / ``crossval.py`` checkpoint, or None with ``deployable`` given.
         device: ``cpu`` or ``cuda[:N]``.
         input_size: (H, W) of the frames; default the training size.
-        compile: wrap in ``torch.compile`` (first calls compile).
+        compile: wrap in ``torch.compile`` (first calls compile); a string is the compile mode
+            (``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``).
         dtype: ``float32``, ``float16`` or ``bfloat16`` autocast on the device.
         deployable: an already built deployable model (with ``loaded`` for its metadata).
     """
@@ -118,7 +119,7 @@ class TorchBackend(Backend):
         path: str | os.PathLike | None = None,
         device: str = "cpu",
         input_size: Sequence[int] | str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         dtype: str = "float32",
         deployable: Any = None,
         loaded: Any = None,
@@ -140,9 +141,12 @@ class TorchBackend(Backend):
         self.metadata = build_metadata(deployable, loaded, "torch")
         self.autocast = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.dtype = dtype
-        self._fn = torch.compile(self.deployable) if compile else self.deployable
+        mode = compile if isinstance(compile, str) else None
+        self._fn = torch.compile(self.deployable, mode=mode, dynamic=False) if compile else self.deployable
         if compile:
-            self.name = "torch.compile"
+            self.name = "torch.compile" + (f"({mode})" if mode else "")
+        if self.autocast is not None:
+            self.name += f"-{dtype}"
 
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         import torch

@@ -1,0 +1,219 @@
+"""``lineside bench``: every backend on identical real frames, in one run: parity vs eager, latency, throughput.
+
+    lineside bench --ckpt runs/quickstart/checkpoints/best.ckpt               # CPU
+    lineside bench --ckpt best.ckpt --device cuda --input-size 300 --batch 144   # a GPU station: one module of 144 cells
+
+For each backend available here (eager torch, torch.compile, ONNX Runtime FP32, ONNX Runtime
+INT8, AOTInductor; on a GPU also CUDA graphs, FP16/BF16 autocast and TensorRT when its runtime
+is installed) it prints parity against eager (max |Δ| of ``grade_probs``, grade agreement),
+latency p50/p99 at batch 1, throughput at ``--batch`` and the ratios to eager. A backend that
+cannot be built here gets a row saying why; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["BenchRow", "run_bench", "main"]
+
+log = logging.getLogger("lineside.bench")
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    parity: str = ""
+    max_abs_diff: float | None = None
+    agreement: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    throughput: float | None = None
+    setup_s: float | None = None
+    error: str = ""
+
+
+def _latency(backend, frame: np.ndarray, iters: int, min_seconds: float = 1.0) -> tuple[float, float]:
+    times = []
+    start = time.perf_counter()
+    while len(times) < iters or (time.perf_counter() - start) < min_seconds and len(times) < 10 * iters:
+        t = time.perf_counter()
+        backend(frame)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def _throughput(backend, batch: np.ndarray, min_seconds: float = 3.0, min_rounds: int = 3) -> float:
+    n, rounds, start = 0, 0, time.perf_counter()
+    while rounds < min_rounds or time.perf_counter() - start < min_seconds:
+        backend(batch)
+        n += len(batch)
+        rounds += 1
+    return n / (time.perf_counter() - start)
+
+
+def _builders(ckpt: str, device: str, input_size, workdir: Path) -> list[tuple[str, Callable]]:
+    """(name, () -> Backend) for every backend worth trying on ``device``."""
+    from lineside.export.backends import TorchBackend, load_backend
+
+    state: dict = {}
+
+    def onnx_path():
+        if "onnx" not in state:
+            from lineside.export.onnx_export import export_onnx
+
+            state["onnx"] = export_onnx(ckpt, workdir / "onnx", input_size, parity_images=0).path
+        return state["onnx"]
+
+    def ort_int8():
+        from lineside.export import quantize
+
+        paths = quantize.export_int8(ckpt, workdir / "int8", onnx=onnx_path(), parity=False)
+        return load_backend(paths.qoperator)
+
+    def aoti():
+        from lineside.export import aoti as aoti_mod
+
+        return load_backend(aoti_mod.export_aoti(ckpt, workdir / f"aoti_{device.split(':')[0]}", input_size, device=device, parity_images=0).path, device=device)
+
+    def tensorrt(precision: str):
+        def build():
+            from lineside.export import tensorrt as trt_mod
+
+            src = onnx_path() if precision != "int8" else None
+            res = trt_mod.export_tensorrt(ckpt, workdir / f"trt_{precision}", precision=precision, onnx=src, input_size=input_size)
+            return load_backend(res.path, device=device)
+
+        return build
+
+    rows: list[tuple[str, Callable]] = [("eager", lambda: TorchBackend(ckpt, device, input_size))]
+    if device == "cpu":
+        rows += [
+            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True)),
+            ("onnxruntime fp32", lambda: load_backend(onnx_path())),
+            ("onnxruntime int8", ort_int8),
+            ("aoti", aoti),
+        ]
+    else:
+        rows += [
+            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True)),
+            ("cuda graphs (torch.compile reduce-overhead)", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead")),
+            ("eager fp16", lambda: TorchBackend(ckpt, device, input_size, dtype="float16")),
+            ("eager bf16", lambda: TorchBackend(ckpt, device, input_size, dtype="bfloat16")),
+            ("cuda graphs fp16", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead", dtype="float16")),
+            ("aoti", aoti),
+            ("onnxruntime fp32", lambda: load_backend(onnx_path(), device=device)),
+            ("tensorrt fp16", tensorrt("fp16")),
+            ("tensorrt int8", tensorrt("int8")),
+        ]
+    return rows
+
+
+def run_bench(ckpt: str, device: str = "cpu", input_size=None, batch: int = 32, iters: int = 30, images: int = 64,
+              only: list[str] | None = None, calib: str | None = None) -> tuple[list[BenchRow], dict]:
+    """Bench every backend; returns the rows and a context dict (machine, inputs)."""
+    from lineside.export.backends import TorchBackend
+    from lineside.export.calibration import real_images
+    from lineside.export.parity import TOLERANCES, check_parity
+
+    eager = TorchBackend(ckpt, device, input_size)
+    frames, _ = real_images(calib, eager.input_size, eager.channels, max(images, batch), split="test")
+    if len(frames) < batch:
+        frames = np.concatenate([frames] * (batch // len(frames) + 1))
+    frames_b = frames[:batch]
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in _builders(ckpt, device, eager.input_size if input_size else None, Path(tmp)):
+            if only and not any(o in name for o in only):
+                continue
+            row = BenchRow(name)
+            try:
+                t = time.perf_counter()
+                backend = eager if name == "eager" else build()
+                backend.warmup(1)
+                backend.warmup(batch, rounds=1)
+                row.setup_s = time.perf_counter() - t
+                prec = "int8" if "int8" in name else "fp16" if ("fp16" in name or "bf16" in name) else "fp32"
+                rep = check_parity(eager, backend, frames[:images], TOLERANCES["bf16" if "bf16" in name else prec], batch_size=8)
+                by = {r.output: r for r in rep.rows}
+                row.parity = "PASS" if rep.ok else "FAIL"
+                row.max_abs_diff = by["grade_probs"].value if "grade_probs" in by else None
+                row.agreement = by["grade"].value if "grade" in by else None
+                row.p50_ms, row.p99_ms = _latency(backend, frames[:1], iters)
+                row.throughput = _throughput(backend, frames_b)
+            except Exception as exc:  # noqa: BLE001 - one backend's failure is a row, the bench goes on
+                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                log.warning("%s: %s", name, row.error)
+            rows.append(row)
+            print(_fmt_row(row, rows[0]), file=sys.stderr)
+    ctx = _machine(device) | {"ckpt": os.path.abspath(ckpt), "input_size": list(eager.input_size), "batch": batch,
+                              "parity_images": images, "frames": "ELPV test blocks" if calib is None else calib}
+    return rows, ctx
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "device": device, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _fmt_row(r: BenchRow, eager: BenchRow) -> str:
+    if r.error:
+        return f"| {r.backend} | – | – | – | – | – | – | {r.error} |"
+    r1 = eager.p50_ms / r.p50_ms if eager.p50_ms and r.p50_ms else float("nan")
+    rt = r.throughput / eager.throughput if eager.throughput and r.throughput else float("nan")
+    par = f"{r.parity} ({r.max_abs_diff:.1e}, {100 * r.agreement:.0f}%)" if r.max_abs_diff is not None else r.parity
+    return (f"| {r.backend} | {par} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | **{r1:.2f}x** | **{rt:.2f}x** | "
+            f"setup {r.setup_s:.0f} s |")
+
+
+def format_table(rows: list[BenchRow], ctx: dict) -> str:
+    head = (f"{ctx['date']}, {ctx['gpu'] or ctx['cpu']} ({ctx['cores']} CPU cores), torch {ctx['torch']}; frames uint8 "
+            f"{ctx['input_size'][0]}x{ctx['input_size'][1]} from the {ctx['frames']}; throughput at batch {ctx['batch']}")
+    lines = [head, "", f"| backend | parity vs eager (max abs diff grade_probs, grade agreement) | p50 ms (batch 1) | p99 ms (batch 1) | "
+             f"img/s (batch {ctx['batch']}) | batch-1 speed vs eager | throughput vs eager | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [_fmt_row(r, rows[0]) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lineside bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--input-size", default=None, help="HxW of the frames (default: the training size)")
+    ap.add_argument("--batch", type=int, default=32, help="batch for the throughput column")
+    ap.add_argument("--iters", type=int, default=30, help="batch-1 calls for the latency percentiles (at least)")
+    ap.add_argument("--images", type=int, default=64, help="real frames for the parity column")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of backend names to run (eager always runs)")
+    ap.add_argument("--calib", default=None, help="your own images instead of the ELPV test blocks")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    only = [s.strip() for s in a.only.split(",")] if a.only else None
+    if only:
+        only.append("eager")
+    rows, ctx = run_bench(a.ckpt, a.device, a.input_size, a.batch, a.iters, a.images, only, a.calib)
+    print(format_table(rows, ctx))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"context": ctx, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    return 0 if rows and not rows[0].error else 1
