@@ -71,7 +71,7 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
             "input_size": list(deployable.input_size),
             "train_size": list(deployable.train_size),
             "channels": deployable.channels,
-            "resize": "bilinear, half-pixel centres, no antialias, rounded to uint8 levels (OpenCV INTER_LINEAR); "
+            "resize": "bilinear, half-pixel centres, no antialias (OpenCV INTER_LINEAR), inside the graph; "
             "frames of another size are resized to input_size on the host with OpenCV INTER_LINEAR",
             "normalisation": norm,
             "tta_views": deployable.tta_views,

@@ -4,9 +4,11 @@ Training decodes a file to ``uint8`` and resizes it with OpenCV's bilinear ``INT
 (albumentations ``Resize(interpolation=1)``). Deployment must do exactly that, in one place
 that travels with every exported graph: this module takes ``uint8`` (N, C, H, W) frames of
 any fixed size, resizes them bilinearly (half-pixel centres, no antialiasing: OpenCV's
-``INTER_LINEAR`` and ONNX ``Resize(mode=linear, coordinate_transformation_mode=half_pixel)``),
-rounds to whole grey levels as OpenCV's ``uint8`` output does, and hands float 0..255 to the
-model (whose :class:`vision.image_encoder.ImageEncoder` normalises inside).
+``INTER_LINEAR`` and ONNX ``Resize(mode=linear, coordinate_transformation_mode=half_pixel)``)
+and hands float 0..255 to the model (whose :class:`vision.image_encoder.ImageEncoder`
+normalises inside). It does not round to whole grey levels as OpenCV's ``uint8`` output does
+(at most half a level apart): rounding would turn the last-bit differences between runtimes'
+resize kernels into whole-level flips, and parity between backends matters more.
 
 :func:`resize_frame` is the same resize on the host (NumPy/OpenCV), for frames whose size
 differs from an artefact's fixed input size.
@@ -43,7 +45,6 @@ class FramePreprocessor(nn.Module):
         x = image.float()
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=False)
-            x = x.round().clamp(0.0, 255.0)
         return x
 
 
