@@ -131,7 +131,7 @@ class TorchBackend(Backend):
         from lineside.export.deployable import build_deployable
         from lineside.export.metadata import build_metadata
 
-        super().__init__(path or "<memory>", device)
+        super().__init__(path or getattr(loaded, "source", "") or "<memory>", device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("device cuda was asked for but no CUDA GPU is available; use cpu")
         if deployable is None:
