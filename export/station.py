@@ -1,0 +1,717 @@
+"""The line-side station loop: frames from a folder, video, stream or camera → any backend → JSONL.
+
+    lineside station --model export/model.onnx --source /camera/drop --out results.jsonl
+    lineside station --model model.engine --device cuda --source genicam://21345678 --cti /opt/producer.cti --out r.jsonl
+    lineside station --model best.ckpt --source run.avi --out r.jsonl --batch-max 8 --latency-budget-ms 50
+    lineside station --model export/ --source "/data/line3/*.png" --out r.jsonl
+
+Sources (:mod:`export.sources`): a folder watch (watchdog when installed, else polling; a file is
+read only once complete; files already there are processed unless ``--existing skip``, those with
+a record in ``--out`` are not processed twice; ``--once`` exits when the folder is drained), a
+glob, a video file or RTSP/HTTP stream (OpenCV), a GenICam camera (``genicam://[serial]``,
+optional ``harvesters`` and a GenTL producer ``--cti``).
+
+Micro-batching: frames are gathered until ``--batch-max`` are waiting, or until the oldest has
+waited ``--latency-budget-ms`` minus the expected time of the batch (measured at start and kept as
+a running average per batch size), then run as one batch through the backend. Decoding runs in
+``--decoders`` threads beside inference.
+
+Output: one JSON line per frame, appended to ``--out``, flushed and fsync'ed after every batch:
+``source``, ``frame`` (index), ``path`` (files), ``timestamp`` (arrival, ISO 8601 UTC),
+``decision`` (the grade name), ``grade``, ``confidence``, ``probabilities`` (per class name),
+``latency_ms`` (arrival → result), ``error`` (null, or why the frame has no result: corrupt
+file, undecodable video frame, frame dropped behind a live source). A bad frame never stops the
+loop. Every ``--report-every`` seconds p50/p99 latency and frames/s go to stderr, and a summary
+at the end. SIGINT/SIGTERM: the batch in flight and the frames already arrived are finished and
+written, the summary printed, exit 0 (a second signal writes the frames still queued as errors
+and leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+
+from lineside.export.backends import BACKENDS, Backend, BackendError, load_backend  # noqa: E402
+from lineside.export.sources import Frame, FolderSource, Source, SourceError, open_source  # noqa: E402
+from lineside.vision.preprocess import frames_to_batch  # noqa: E402
+
+__all__ = [
+    "BatchTimer",
+    "FrameQueue",
+    "JsonlWriter",
+    "LatencyStats",
+    "ResultDecoder",
+    "Station",
+    "StationSummary",
+    "recorded_paths",
+    "main",
+]
+
+DROPPED = "dropped: the station fell behind the live source (queue full)"
+
+
+# -------------------------------------------------------------------------------------------
+# plumbing
+
+
+class FrameQueue:
+    """Frames between the source / decode threads and the inference loop.
+
+    At most ``maxsize`` decoded images wait; a file or video-file source then waits (back-pressure),
+    a live source's new frame is dropped instead (kept as an error record, without its image).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = max(1, int(maxsize))
+        self._items: deque[Frame] = deque()
+        self._images = 0
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def put(self, frame: Frame, block: bool = True) -> bool:
+        with self._cond:
+            if frame.image is not None:
+                while self._images >= self.maxsize and not self.closed:
+                    if not block:
+                        frame.image, frame.error, frame.dropped = None, DROPPED, True
+                        break
+                    self._cond.wait(0.1)
+            if self.closed:
+                return False
+            if frame.image is not None:
+                self._images += 1
+            self._items.append(frame)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float = 0.0) -> Frame | None:
+        with self._cond:
+            if not self._items and timeout > 0 and not self.closed:
+                self._cond.wait_for(lambda: self._items or self.closed, timeout)
+            if not self._items:
+                return None
+            frame = self._items.popleft()
+            if frame.image is not None:
+                self._images -= 1
+            self._cond.notify_all()
+            return frame
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and not self._items
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class BatchTimer:
+    """Expected seconds to run a batch of ``n`` frames: running average per batch size, conservative in between."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.seconds: dict[int, float] = {}
+
+    def update(self, n: int, seconds: float) -> None:
+        if n <= 0:
+            return
+        old = self.seconds.get(n)
+        self.seconds[n] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def expected(self, n: int) -> float:
+        if not self.seconds or n <= 0:
+            return 0.0
+        if n in self.seconds:
+            return self.seconds[n]
+        larger = [m for m in self.seconds if m > n]
+        if larger:
+            return self.seconds[min(larger)]  # a bigger batch took this long: an upper bound
+        m = max(self.seconds)
+        return self.seconds[m] * n / m  # linear beyond the largest seen
+
+
+class LatencyStats:
+    """Frames, errors, batches and latencies: a window for the periodic report, a log histogram for the run."""
+
+    _EDGES = 1e-3 * 1.01 ** np.arange(2100)  # 1 µs … ~1.2e6 ms at 1 % resolution
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.frames = self.errors = self.dropped = self.batches = 0
+        self.max_batch = 0
+        self.max_ms = 0.0
+        self._batched = 0
+        self._hist = np.zeros(len(self._EDGES) + 1, dtype=np.int64)
+        self._window: list[float] = []
+        self._window_start = self.start
+        self._window_frames = 0
+
+    def add(self, latencies_ms: Sequence[float], errors: int, dropped: int, batch_size: int) -> None:
+        lat = np.asarray(latencies_ms, dtype=np.float64)
+        self.frames += len(lat)
+        self._window_frames += len(lat)
+        self.errors += errors
+        self.dropped += dropped
+        if batch_size:
+            self.batches += 1
+            self.max_batch = max(self.max_batch, batch_size)
+        self._batched += batch_size
+        if len(lat):
+            self._window.extend(lat.tolist())
+            np.add.at(self._hist, np.searchsorted(self._EDGES, lat), 1)
+            self.max_ms = max(self.max_ms, float(lat.max()))
+
+    def percentile(self, q: float) -> float:
+        n = int(self._hist.sum())
+        if n == 0:
+            return float("nan")
+        i = int(np.searchsorted(np.cumsum(self._hist), math.ceil(q / 100 * n)))
+        return min(float(self._EDGES[i]), self.max_ms) if i < len(self._EDGES) else self.max_ms
+
+    @property
+    def mean_batch(self) -> float:
+        return self._batched / self.batches if self.batches else 0.0
+
+    def report(self) -> str:
+        """The line for the last window (and reset it)."""
+        now = time.perf_counter()
+        span = max(now - self._window_start, 1e-9)
+        w = np.asarray(self._window)
+        lat = f"latency p50 {np.percentile(w, 50):.1f} ms p99 {np.percentile(w, 99):.1f} ms" if len(w) else "latency -"
+        line = (
+            f"station: {self._window_frames} frames in {span:.1f} s ({self._window_frames / span:.1f} frames/s), {lat}; "
+            f"total {self.frames} frames, {self.errors} errors"
+            + (f", {self.dropped} dropped" if self.dropped else "")
+        )
+        self._window, self._window_start, self._window_frames = [], now, 0
+        return line
+
+
+@dataclass
+class StationSummary:
+    """What a station run did."""
+
+    frames: int
+    graded: int
+    errors: int
+    dropped: int
+    seconds: float
+    frames_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    batches: int
+    mean_batch: float
+    max_batch: int
+    output: str
+    stopped_by: str | None = None
+    source_error: str | None = None
+
+    def line(self) -> str:
+        def ms(v: float) -> str:
+            return "-" if math.isnan(v) else f"{v:.1f}"
+
+        return (
+            f"station summary: {self.frames} frames ({self.graded} graded, {self.errors} errors"
+            + (f", {self.dropped} dropped" if self.dropped else "")
+            + f") in {self.seconds:.1f} s, {self.frames_per_second:.1f} frames/s; latency p50 {ms(self.p50_ms)} ms "
+            f"p90 {ms(self.p90_ms)} ms p99 {ms(self.p99_ms)} ms max {ms(self.max_ms)} ms; {self.batches} batches "
+            f"(mean {self.mean_batch:.1f}, max {self.max_batch}) → {self.output}"
+            + (f"; stopped by {self.stopped_by}" if self.stopped_by else "")
+            + (f"; source failed: {self.source_error}" if self.source_error else "")
+        )
+
+
+class JsonlWriter:
+    """Appends JSON lines durably (flush + fsync per :meth:`write`); ``-`` writes to stdout.
+
+    A torn last line (a crash mid-write in an earlier run) is cut off before appending.
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.fsync = fsync and self.path != "-"
+        if self.path == "-":
+            self._fh: IO[bytes] = sys.stdout.buffer
+            self._own = False
+            return
+        p = Path(self.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(p, "ab+")
+        self._own = True
+        size = self._fh.seek(0, os.SEEK_END)
+        if size:
+            self._fh.seek(max(0, size - 65536))
+            tail = self._fh.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or size <= 65536:
+                    self._fh.truncate(size - len(tail) + cut + 1)
+                else:  # a torn line longer than the tail read: end it, it stays unparsable
+                    self._fh.write(b"\n")
+                self._fh.seek(0, os.SEEK_END)
+
+    def write(self, records: Iterable[dict]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False, separators=(", ", ": "), allow_nan=False) + "\n" for r in records)
+        if not data:
+            return
+        self._fh.write(data.encode("utf-8"))
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._own and not self._fh.closed:
+            self._fh.close()
+
+
+def recorded_paths(path: str | os.PathLike) -> set[str]:
+    """Absolute paths of the frames that already have a record in a results file (for resuming)."""
+    done: set[str] = set()
+    if not os.path.isfile(path):
+        return done
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                p = json.loads(line).get("path")
+            except (ValueError, AttributeError):
+                continue
+            if p:
+                done.add(os.path.abspath(p))
+    return done
+
+
+class ResultDecoder:
+    """A backend's named outputs → per-frame record fields, read from its output specs.
+
+    ``grade_probs`` (or the first float (N, K) output with K class names) gives the probabilities
+    per class name and the confidence, ``grade`` (or its argmax) the grade and the decision (its
+    class name). Other small per-frame outputs (at most 64 values) go under ``outputs``.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.class_names = backend.class_names
+        specs = backend.output_specs
+        names = [s["name"] for s in specs]
+        self.probs = "grade_probs" if "grade_probs" in names else None
+        if self.probs is None:
+            for s in specs:
+                if s.get("kind") == "float" and len(s.get("shape", [])) == 2 and s["shape"][1] == len(self.class_names):
+                    self.probs = s["name"]
+                    break
+        self.grade = "grade" if "grade" in names else None
+        self.extra = [n for n in names if n not in (self.probs, self.grade)]
+
+    def __call__(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
+        rows = []
+        for i in range(n):
+            row: dict[str, Any] = {"decision": None, "grade": None, "confidence": None, "probabilities": None}
+            probs = np.asarray(outputs[self.probs][i], dtype=np.float64) if self.probs else None
+            grade = int(outputs[self.grade][i]) if self.grade else (int(probs.argmax()) if probs is not None else None)
+            if grade is not None:
+                row["grade"] = grade
+                row["decision"] = self.class_names[grade] if 0 <= grade < len(self.class_names) else str(grade)
+            if probs is not None:
+                names = self.class_names if len(self.class_names) == len(probs) else [str(k) for k in range(len(probs))]
+                row["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probs)}
+                row["confidence"] = round(float(probs[grade] if grade is not None and grade < len(probs) else probs.max()), 6)
+            extra = {}
+            for name in self.extra:
+                v = np.asarray(outputs[name][i])
+                if v.size <= 64:
+                    extra[name] = np.round(v.astype(np.float64), 6).tolist() if v.dtype.kind == "f" else v.tolist()
+            if extra:
+                row["outputs"] = extra
+            rows.append(row)
+        return rows
+
+
+# -------------------------------------------------------------------------------------------
+# the station
+
+
+class Station:
+    """Frames from ``source`` through ``backend`` in micro-batches, one JSON record per frame to ``writer``.
+
+    Args:
+        backend: any :class:`export.backends.Backend` (torch, ONNX Runtime, AOTInductor, TensorRT).
+        source: an :class:`export.sources.Source` (see :func:`export.sources.open_source`).
+        writer: a results path (JSONL, appended) or an object with ``write(records)`` and ``close()``.
+        batch_max: the most frames in one batch (clamped to the backend's largest batch).
+        latency_budget_ms: how long the oldest waiting frame may wait for its result; frames are
+            gathered for at most this minus the expected batch time (0: run what is waiting now).
+        report_every: seconds between the progress lines on ``log`` (0: none).
+        decoders: threads that decode image files beside inference (0: decode in the source thread).
+        queue_size: decoded frames that may wait (default 4 × ``batch_max``).
+        warmup: run the backend on blank batches first, to measure the batch time and compile.
+        log: where the progress lines and the summary go (default stderr).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        source: Source,
+        writer: Any,
+        batch_max: int = 16,
+        latency_budget_ms: float = 20.0,
+        report_every: float = 5.0,
+        decoders: int = 2,
+        queue_size: int | None = None,
+        warmup: bool = True,
+        log: IO[str] | None = None,
+    ) -> None:
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be at least 1, got {batch_max}")
+        self.backend = backend
+        self.source = source
+        self.writer = JsonlWriter(writer) if isinstance(writer, (str, os.PathLike)) else writer
+        self.batch_max = min(batch_max, backend.max_batch or batch_max)
+        self.budget = max(0.0, float(latency_budget_ms)) / 1000.0
+        self.report_every = report_every
+        self.decoders = max(0, int(decoders))
+        self.queue = FrameQueue(queue_size or 4 * self.batch_max)
+        self.do_warmup = warmup
+        self.log = log
+        self.timer = BatchTimer()
+        self.stats = LatencyStats()
+        self.decode = ResultDecoder(backend)
+        self._stop = threading.Event()
+        self._abort = False
+        self.stopped_by: str | None = None
+        self.source_error: str | None = None
+        self._stop_time: float | None = None
+
+    # -- control -----------------------------------------------------------------------------
+    def stop(self, reason: str = "stop") -> None:
+        """Finish the batch in flight and the frames already arrived, then return from :meth:`run`."""
+        if self.stopped_by is None:
+            self.stopped_by = reason
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Stop at once: frames still waiting are written as error records."""
+        self._abort = True
+        self.stop("abort")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.log or sys.stderr, flush=True)
+
+    # -- warm-up -----------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run blank batches of 1 and ``batch_max`` frames; their times seed the expected batch times."""
+        sizes = sorted({1, self.batch_max})
+        h, w = self.backend.input_size
+        for n in sizes:
+            frames = [np.zeros((h, w, self.backend.channels), dtype=np.uint8)] * n
+            self._infer(frames)  # first call: allocation, compilation, autotuning
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self._infer(frames)
+                times.append(time.perf_counter() - t)
+            self.timer.update(n, min(times))
+
+    def _infer(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return self.backend(frames_to_batch(images, self.backend.input_size))
+
+    # -- producing ---------------------------------------------------------------------------
+    def _decode_put(self, frame: Frame, gate: threading.Semaphore) -> None:
+        try:
+            self.queue.put(frame.load(), block=True)
+        finally:
+            gate.release()
+
+    def _produce(self) -> None:
+        pool = ThreadPoolExecutor(self.decoders, thread_name_prefix="station-decode") if self.decoders else None
+        gate = threading.Semaphore(self.queue.maxsize + self.decoders)
+        try:
+            for frame in self.source.frames(self.backend.channels, self._stop):
+                if frame.loader is not None and pool is not None:
+                    while not gate.acquire(timeout=0.1):
+                        if self.queue.closed:
+                            return
+                    pool.submit(self._decode_put, frame, gate)
+                else:
+                    self.queue.put(frame.load(), block=not self.source.live)
+                if self.queue.closed:
+                    return
+        except Exception as exc:  # noqa: BLE001 - a source failure ends the run, reported in the summary
+            self.source_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self.queue.close()
+
+    # -- consuming ---------------------------------------------------------------------------
+    def _gather(self) -> list[Frame]:
+        first = self.queue.get(timeout=0.05)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_max:
+            frame = self.queue.get()
+            if frame is not None:
+                batch.append(frame)
+                continue
+            if self.stopping or self.queue.finished:
+                break
+            # wait for one more frame only while the oldest can still meet its budget
+            wait = first.arrival + self.budget - self.timer.expected(len(batch) + 1) - time.perf_counter()
+            if wait <= 0:
+                break
+            frame = self.queue.get(timeout=min(wait, 0.1))
+            if frame is not None:
+                batch.append(frame)
+        return batch
+
+    def _run_good(self, frames: list[Frame]) -> tuple[list[dict | str], float | None]:
+        """Results (a row dict, or an error message) for decoded frames; the batch time when run as one."""
+        t = time.perf_counter()
+        try:
+            outputs = self._infer([f.image for f in frames])
+            rows: list[dict | str] = list(self.decode(outputs, len(frames)))
+            return rows, time.perf_counter() - t
+        except Exception as exc:  # noqa: BLE001 - isolate the frame that broke it
+            if len(frames) == 1:
+                return [f"inference failed: {type(exc).__name__}: {str(exc)[:500]}"], None
+        rows = []
+        for f in frames:
+            rows.extend(self._run_good([f])[0])
+        return rows, None
+
+    def _process(self, batch: list[Frame]) -> None:
+        batch = sorted(batch, key=lambda f: (f.source, f.index))  # decode threads may finish out of order
+        good = [f for f in batch if f.image is not None and f.error is None]
+        results: dict[int, dict | str] = {}
+        if good:
+            rows, seconds = self._run_good(good)
+            if seconds is not None:
+                self.timer.update(len(good), seconds)
+            results = {id(f): r for f, r in zip(good, rows)}
+        done = time.perf_counter()
+        records, latencies, errors, dropped = [], [], 0, 0
+        for f in batch:
+            latency = (done - f.arrival) * 1000.0
+            res = results.get(id(f))
+            record = {"source": f.source, "frame": f.index, "path": f.path, "timestamp": f.timestamp}
+            if isinstance(res, dict):
+                record |= res | {"latency_ms": round(latency, 3), "error": None}
+            else:
+                record |= {"decision": None, "grade": None, "confidence": None, "probabilities": None}
+                record |= {"latency_ms": round(latency, 3), "error": res if isinstance(res, str) else (f.error or "frame has no image")}
+                errors += 1
+                dropped += f.dropped
+            records.append(record)
+            latencies.append(latency)
+            f.image = None
+        self.writer.write(records)
+        self.stats.add(latencies, errors, dropped, len(good))
+
+    def _flush_queued_as_errors(self) -> None:
+        left = []
+        while (f := self.queue.get()) is not None:
+            f.image, f.error = None, f.error or "not processed: the station was stopped"
+            left.append(f)
+        if left:
+            self._process(left)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> StationSummary:
+        """Run until the source ends or :meth:`stop`; returns the summary (also printed to ``log``)."""
+        if self.do_warmup:
+            self.warmup()
+        self.stats = LatencyStats()
+        producer = threading.Thread(target=self._produce, name="station-source", daemon=True)
+        producer.start()
+        last_report = time.perf_counter()
+        try:
+            while True:
+                if self._abort:
+                    self.queue.close()
+                    self._flush_queued_as_errors()
+                    break
+                batch = self._gather()
+                if batch:
+                    self._process(batch)
+                elif self.queue.finished:
+                    break
+                now = time.perf_counter()
+                if self.stopping:
+                    if self._stop_time is None:
+                        self._stop_time = now
+                    elif now - self._stop_time > 3.0 and not len(self.queue):
+                        self.queue.close()  # a source stuck in a blocking read: leave without it
+                        break
+                if self.report_every and now - last_report >= self.report_every:
+                    last_report = now
+                    self._say(self.stats.report())
+        finally:
+            self._stop.set()
+            self.queue.close()
+            producer.join(timeout=2.0)
+            if not producer.is_alive():  # else it is stuck in a blocking read: closing under it could crash the capture library
+                self.source.close()
+            close = getattr(self.writer, "close", None)
+            if close is not None:
+                close()
+        summary = self.summary()
+        self._say(summary.line())
+        return summary
+
+    def summary(self) -> StationSummary:
+        s = self.stats
+        seconds = time.perf_counter() - s.start
+        return StationSummary(
+            frames=s.frames,
+            graded=s.frames - s.errors,
+            errors=s.errors,
+            dropped=s.dropped,
+            seconds=seconds,
+            frames_per_second=s.frames / seconds if seconds > 0 else 0.0,
+            p50_ms=s.percentile(50),
+            p90_ms=s.percentile(90),
+            p99_ms=s.percentile(99),
+            max_ms=s.max_ms if s.frames else float("nan"),
+            batches=s.batches,
+            mean_batch=s.mean_batch,
+            max_batch=s.max_batch,
+            output=getattr(self.writer, "path", type(self.writer).__name__),
+            stopped_by=self.stopped_by,
+            source_error=self.source_error,
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="lineside station",
+        description="Line-side station: frames from a folder, glob, video, stream or GenICam camera through any "
+        "exported model, one JSON line per frame.",
+    )
+    ap.add_argument("--model", required=True, help="artefact: .ckpt, .onnx, .pt2, .engine/.plan, or an export folder")
+    ap.add_argument("--source", required=True, help="DIR (watched), GLOB (quote it), VIDEO file, rtsp://… / http://… stream, or genicam://[serial]")
+    ap.add_argument("--out", required=True, help="results .jsonl (appended; '-' for stdout)")
+    ap.add_argument("--batch-max", type=int, default=16, help="most frames per batch (default 16)")
+    ap.add_argument("--latency-budget-ms", type=float, default=20.0, help="arrival → result budget that bounds batching (default 20)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--backend", default=None, choices=sorted(BACKENDS), help="default: by the artefact's suffix")
+    ap.add_argument("--existing", default="process", choices=["process", "skip"], help="files already in a watched folder (default process)")
+    ap.add_argument("--once", action="store_true", help="folder: exit when drained instead of watching on")
+    ap.add_argument("--report-every", type=float, default=5.0, help="seconds between progress lines on stderr (0: none)")
+    ap.add_argument("--poll-ms", type=float, default=100.0, help="folder: milliseconds between looks (default 100)")
+    ap.add_argument("--settle-ms", type=float, default=250.0, help="folder: a file must stay unchanged this long before it is read (default 250)")
+    ap.add_argument("--no-watchdog", action="store_true", help="folder: poll even when watchdog is installed")
+    ap.add_argument("--cti", default=None, help="genicam: GenTL producer .cti file or folder (default: $GENICAM_GENTL64_PATH)")
+    ap.add_argument("--realtime", action="store_true", help="video file: deliver frames at the file's frame rate, as a camera would")
+    ap.add_argument("--decoders", type=int, default=2, help="threads decoding image files (default 2)")
+    ap.add_argument("--queue-size", type=int, default=None, help="decoded frames that may wait (default 4 x batch-max)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches (the first batches then run without a time estimate)")
+    a = ap.parse_args(argv)
+    if a.batch_max < 1:
+        ap.error("--batch-max must be at least 1")
+    if a.latency_budget_ms < 0 or a.report_every < 0 or a.decoders < 0:
+        ap.error("--latency-budget-ms, --report-every and --decoders must not be negative")
+
+    # signals first: a stop before the loop starts still ends cleanly
+    holder: dict[str, Any] = {"station": None, "signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        st = holder["station"]
+        if st is None:
+            holder["signal"] = name
+        elif st.stopping:
+            st.abort()
+        else:
+            print(f"station: {name}: finishing the batch in flight (again to abort)", file=sys.stderr, flush=True)
+            st.stop(name)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        source = None
+        try:  # the source first: a wrong folder, URL or camera set-up fails before the model loads
+            done = recorded_paths(a.out) if a.out != "-" and a.existing == "process" else set()
+            source = open_source(
+                a.source,
+                existing=a.existing,
+                once=a.once,
+                poll=a.poll_ms / 1000,
+                settle=a.settle_ms / 1000,
+                use_watchdog=False if a.no_watchdog else None,
+                done=done,
+                cti=a.cti,
+                pace=a.realtime,
+            )
+            backend = load_backend(a.model, a.backend, a.device)
+        except (BackendError, SourceError, OSError, ValueError, RuntimeError) as exc:
+            if source is not None:
+                source.close()
+            print(f"lineside station: error: {exc}", file=sys.stderr)
+            return 2
+        station = Station(
+            backend,
+            source,
+            a.out,
+            batch_max=a.batch_max,
+            latency_budget_ms=a.latency_budget_ms,
+            report_every=a.report_every,
+            decoders=a.decoders,
+            queue_size=a.queue_size,
+            warmup=not a.no_warmup,
+        )
+        holder["station"] = station
+        if holder["signal"]:
+            station.stop(holder["signal"])
+        c, (h, w) = backend.channels, backend.input_size
+        resumed = f", {len(done)} files already recorded" if done and isinstance(source, FolderSource) else ""
+        print(
+            f"station: {backend.describe()} on {a.device}, input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}; "
+            f"source {source.describe()}{resumed}; batch <= {station.batch_max}, latency budget {a.latency_budget_ms:g} ms → {a.out}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not a.no_warmup:
+            station.warmup()
+            station.do_warmup = False
+            t1, tn = station.timer.expected(1) * 1000, station.timer.expected(station.batch_max) * 1000
+            print(f"station: warm-up: batch of 1 {t1:.1f} ms, of {station.batch_max} {tn:.1f} ms", file=sys.stderr, flush=True)
+            if a.latency_budget_ms and t1 > a.latency_budget_ms:
+                print(f"station: warning: one frame takes {t1:.1f} ms, over the {a.latency_budget_ms:g} ms budget", file=sys.stderr, flush=True)
+        summary = station.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 1 if summary.source_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
