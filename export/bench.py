@@ -77,22 +77,23 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path) -> list[tuple[s
         return state["onnx"]
 
     def ort_int8():
-        from lineside.export import quantize
+        from lineside.export.quantize import quantize_onnx
 
-        paths = quantize.export_int8(ckpt, workdir / "int8", onnx=onnx_path(), parity=False)
-        return load_backend(paths.qoperator)
+        result = quantize_onnx(onnx_path(), workdir / "int8", calib_images=128, parity_images=0, formats=("qoperator",))
+        return load_backend(result.paths["qoperator"])
 
     def aoti():
-        from lineside.export import aoti as aoti_mod
+        from lineside.export.aoti import export_aoti
 
-        return load_backend(aoti_mod.export_aoti(ckpt, workdir / f"aoti_{device.split(':')[0]}", input_size, device=device, parity_images=0).path, device=device)
+        res = export_aoti(ckpt, workdir / f"aoti_{device.split(':')[0]}", input_size, batch_sizes=(1, 8, batch), device=device, parity_images=0)
+        return load_backend(res.path, device=device)
 
     def tensorrt(precision: str):
         def build():
-            from lineside.export import tensorrt as trt_mod
+            from lineside.export.tensorrt import export_tensorrt
 
-            src = onnx_path() if precision != "int8" else None
-            res = trt_mod.export_tensorrt(ckpt, workdir / f"trt_{precision}", precision=precision, onnx=src, input_size=input_size)
+            res = export_tensorrt(None, onnx_path(), workdir / f"trt_{precision}", precision=precision,
+                                  batch_sizes=(1, 8, batch), input_size=input_size, parity_images=0)
             return load_backend(res.path, device=device)
 
         return build
