@@ -92,7 +92,7 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path) -> list[tuple[s
         def build():
             from lineside.export.tensorrt import export_tensorrt
 
-            res = export_tensorrt(None, onnx_path(), workdir / f"trt_{precision}", precision=precision,
+            res = export_tensorrt(ckpt, None, workdir / f"trt_{precision}", precision=precision,
                                   batch_sizes=(1, 8, batch), input_size=input_size, parity_images=0)
             return load_backend(res.path, device=device)
 
