@@ -20,10 +20,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo's run folder is runs/quickstart (the config's trainer.default_root_dir). A fit never
+# replaces another run's checkpoints unless told: the demo passes --overwrite, and drops the
+# previous scores (score resumes an existing output), so `make demo` can be run again.
 demo: install
-	$(LS) fit --config configs/quickstart.yaml
+	$(LS) fit --config configs/quickstart.yaml --overwrite
 	$(LS) test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
 	$(LS) elpv manifest --split test --out runs/quickstart/elpv_test.csv
+	rm -rf runs/quickstart/scores.csv runs/quickstart/overlays
 	$(LS) score --ckpt runs/quickstart/checkpoints/best.ckpt --input runs/quickstart/elpv_test.csv \
 		--output runs/quickstart/scores.csv --overlays runs/quickstart/overlays
 

@@ -38,20 +38,23 @@ def main() -> None:
         cfg = yaml.safe_load(Path(a.base).read_text())
         run = out / f"variant{i}"
         cfg["trainer"]["max_epochs"] = a.epochs
-        cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "log"}}
+        cfg["trainer"]["default_root_dir"] = str(run)  # the run folder: logs in run/logs, checkpoints in run/checkpoints
+        cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "logs"}}
         cfg["trainer"]["callbacks"] = [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(run / "checkpoints"), "filename": "best", "monitor": "val/macro_f1", "mode": "max", "enable_version_counter": False}}
+             "init_args": {"filename": "best", "monitor": "val/macro_f1", "mode": "max", "enable_version_counter": False}}
         ]
         cfg["model"]["criterion"] = {"class_path": "lineside.fusion.GradingCriterion", "init_args": crit}
         if cfg["model"].get("scheduler"):
             cfg["model"]["scheduler"]["init_args"]["T_max"] = a.epochs
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "variant.yaml").write_text(yaml.safe_dump(cfg))
         print(f"[{name}] training ...", flush=True)
-        subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(run / "config.yaml")], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
-        rows = [r for r in csv.DictReader(open(next(run.rglob("metrics.csv")))) if r.get("val/macro_f1")]
+        # --overwrite: a re-run of the ablation replaces its variants' checkpoints
+        subprocess.run([sys.executable, "-m", "lineside", "fit", "--config", str(run / "variant.yaml"), "--overwrite"], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL)
+        latest = max(run.glob("logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+        rows = [r for r in csv.DictReader(open(latest)) if r.get("val/macro_f1")]
         best = max(rows, key=lambda r: float(r["val/macro_f1"]))
         results[name] = (float(best["val/acc"]), float(best["val/macro_f1"]), int(best["epoch"]))
     base_f1 = results["plain CE"][1]

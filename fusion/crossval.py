@@ -38,12 +38,10 @@ log = logging.getLogger("lineside.crossval")
 
 
 def _fold_cli(config_args: list[str], fold: int, folds: int, fold_dir: Path):
-    from lightning.pytorch.cli import LightningCLI
+    from lineside.fusion.training_cli import InspectionCLI
 
-    from lineside.fusion.datamodule import InspectionDataModule
-    from lineside.fusion.lightning_module import InspectionModule
-
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(fold_dir), "name": "logs"}}
+    # the same CLI as `lineside fit`: class names linked from the data, the CSV log placed in the fold's folder
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "logs"}}
     args = [
         *config_args,
         "--data.fold", str(fold), "--data.num_folds", str(folds),
@@ -54,7 +52,7 @@ def _fold_cli(config_args: list[str], fold: int, folds: int, fold_dir: Path):
         "--trainer.limit_val_batches", "0",
         "--trainer.num_sanity_val_steps", "0",
     ]
-    return LightningCLI(InspectionModule, InspectionDataModule, run=False, args=args, save_config_callback=None)
+    return InspectionCLI(run=False, args=args, save_config_callback=None)
 
 
 def _predict(trainer, module, dm, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -39,7 +39,8 @@ class InspectionModule(L.LightningModule):
         scheduler: LR scheduler factory, stepped per epoch; optional.
         backbone_lr_scale: learning rate of the pretrained backbone relative to the rest.
         tta_views: dihedral test-time views (1, 2, 4, 8) for val/test/predict.
-        class_names: grade names; taken from the data module when not given.
+        class_names: grade names. The data module owns them: the CLI links ``data.class_names`` here,
+            and at each stage's start the data module's names (its given order) are taken.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""GradePredictionWriter: ``train.py predict`` writes one CSV row per image as batches finish."""
+"""GradePredictionWriter: ``lineside predict`` writes one CSV row per image as batches finish."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ class GradePredictionWriter(BasePredictionWriter):
     """Appends ``path, grade, grade_name, confidence, p_<grade>…`` rows to ``output``.
 
     Args:
-        output: CSV path; default ``<log_dir>/predictions.csv``.
+        output: CSV path; default ``<log_dir>/predictions.csv``, i.e. ``<run>/logs/version_N/predictions.csv``
+            beside the run of ``--ckpt_path <run>/checkpoints/X.ckpt``.
     """
 
     def __init__(self, output: str | None = None) -> None:

@@ -42,12 +42,10 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
-    """configs/tiny.yaml with every output folder moved into tmp_path."""
+    """configs/tiny.yaml with its run folder (trainer.default_root_dir: checkpoints, logs,
+    config.yaml) moved to tmp_path/run."""
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    run = tmp_path / "run"
-    cfg["trainer"]["default_root_dir"] = str(run)
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
     out = tmp_path / "tiny.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
