@@ -67,13 +67,22 @@ def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
     return sorted(set(vals))
 
 
+def _to_half(module, args):
+    return tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 class _HalfCompute(torch.nn.Module):
     """fp16 graph: uint8 in → preprocessing in fp32 → model in fp16 → decoded outputs in fp32."""
 
     def __init__(self, deployable: DeployableModel) -> None:
+        import copy
+
         super().__init__()
-        self.d = deployable
+        self.d = copy.deepcopy(deployable)  # the caller's (and the checkpoint's) model stays fp32
         self.d.model.half()
+        for m in self.d.model.modules():  # encoders normalise in fp32; their backbones take fp16
+            if hasattr(m, "normalize") and isinstance(getattr(m, "backbone", None), torch.nn.Module):
+                m.backbone.register_forward_pre_hook(_to_half)
 
     def forward(self, image: torch.Tensor):
         from lineside.fusion.postprocess import dihedral_views
