@@ -56,3 +56,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the repo as ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _lineside_cache(tmp_path_factory):
+    """Checkpoints exported on the fly (``lineside score``'s ONNX cache) go to a session folder."""
+    os.environ["LINESIDE_CACHE"] = str(tmp_path_factory.mktemp("lineside_cache"))
+    yield
