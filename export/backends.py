@@ -189,8 +189,11 @@ class OnnxRuntimeBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu) ; use --device cpu")
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
+        disabled = []
+        if read_metadata(self.path, required=False).get("precision") == "fp16" and not device.startswith("cuda"):
+            disabled = ["NchwcTransformer"]  # ONNX Runtime 1.32's CPU NCHWc layout pass segfaults on fp16 EfficientNet graphs
         try:
-            self.session = ort.InferenceSession(self.path, opts, providers=providers)
+            self.session = ort.InferenceSession(self.path, opts, providers=providers, disabled_optimizers=disabled)
         except Exception as exc:  # noqa: BLE001 - ORT raises many kinds
             raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
         self.metadata = read_metadata(self.path)
