@@ -296,7 +296,7 @@ def quantize_onnx(
     if precision != "fp32" or graph_precision(fp32) != "fp32":
         raise QuantizeError(f"{src}: a {precision} graph; INT8 calibration starts from the fp32 graph (`lineside export onnx` without --fp16)")
     input_name, channels, size = _input_geometry(fp32, base_meta)
-    images, used = real_images(calib, size, channels, calib_images, split="train")
+    images, _ = real_images(calib, size, channels, calib_images, split="train")
     calib_source = os.fspath(calib) if calib is not None else "ELPV train blocks (elpv-dataset package)"
     log.info("calibrating on %d real frames from %s", len(images), calib_source)
     result = Int8Result(src, calibration={"source": calib_source, "n_images": int(len(images)), "method": method, "split": None if calib else "train"})

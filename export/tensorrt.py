@@ -239,11 +239,14 @@ def _targets(flavour: str, trt, gpu_arch: list[str] | None, hardware_compat: str
             if not _cuda_available():
                 raise TensorRTError("--gpu-arch current needs a CUDA GPU here; name the target, e.g. --gpu-arch 8.6")
             cc = _device_capability()
-            if cc not in known:
-                raise TensorRTError(f"this GPU ({_device_name()}, compute capability {_cc_text(cc)}) is not a TensorRT-RTX target "
-                                    f"({', '.join(_cc_text(c) for c in sorted(known))}); use full TensorRT (--flavour tensorrt)")
-            return [_cc_text(cc)], [trt.ComputeCapability.CURRENT], "none"
-        if gpu_arch is None:  # ahead of time: every Ampere-or-newer target (Turing lacks fp32 GEMMs in TensorRT-RTX)
+            if cc in known:
+                return [_cc_text(cc)], [trt.ComputeCapability.CURRENT], "none"
+            message = (f"this GPU ({_device_name()}, compute capability {_cc_text(cc)}) is not a TensorRT-RTX target "
+                       f"({', '.join(_cc_text(c) for c in sorted(known))}); full TensorRT (--flavour tensorrt) builds for it")
+            if gpu_arch == ["current"]:
+                raise TensorRTError(message)
+            log.warning("%s; building ahead of time for the TensorRT-RTX targets instead", message)
+        if gpu_arch is None or gpu_arch == ["current"]:  # ahead of time: every Ampere-or-newer target (Turing lacks fp32 GEMMs in TensorRT-RTX)
             chosen = [c for c in sorted(known) if c >= (8, 0)]
         else:
             chosen = [_parse_cc(a) for a in gpu_arch]
@@ -308,7 +311,7 @@ def build_engine(
                "fp32": "Export the fp32 graph with `lineside export onnx`."}.get(precision, "")
         )
     flavour, trt = _choose_flavour(flavour)
-    arch = parse_gpu_arch(gpu_arch) if not isinstance(gpu_arch, list) else gpu_arch
+    arch = parse_gpu_arch(gpu_arch)
     hardware_compat = {"none": "none", "ampere+": "ampere_plus", "ampere_plus": "ampere_plus"}.get(hardware_compat, hardware_compat)
     targets, cc_values, hw = _targets(flavour, trt, arch, hardware_compat)
 
@@ -380,7 +383,7 @@ def build_engine(
             "hardware_compatibility": hw,
             "strongly_typed": typed is not None or flavour == "tensorrt_rtx",
             "built_on_gpu": _device_name() if _cuda_available() else None,
-            "ahead_of_time": not _cuda_available(),
+            "ahead_of_time": flavour == "tensorrt_rtx" and all(v != trt.ComputeCapability.CURRENT for v in cc_values),
             "network_layers": n_layers,
             "build_seconds": round(seconds, 2),
             "workspace_mb": workspace_mb,
@@ -453,10 +456,9 @@ def export_tensorrt(
         loaded = load_inspection_model(ckpt)
         r = export_onnx(loaded, out / "onnx", input_size=input_size, batch_sizes=batch_sizes, fp16=precision == "fp16", calib=calib,
                         parity_images=parity_images)
-        if not r.ok:
-            raise TensorRTError(f"the {precision} ONNX graph failed its parity check:\n{r.parity.table()}")
         graph = r.path
         notes.append(f"ONNX graph {graph} ({r.metadata['precision']})")
+        _gate(r.parity, f"the {precision} ONNX graph", notes)
     else:
         graph = Path(onnx_path)
         if not graph.is_file():
@@ -464,10 +466,9 @@ def export_tensorrt(
     if precision == "int8" and graph_precision(graph) == "fp32":
         q = quantize_onnx(graph, graph.parent if ckpt is not None else out / "onnx", calib, calib_images,
                           parity_images=parity_images, formats=("qdq",), loaded=loaded)
-        if not q.ok:
-            raise TensorRTError("the INT8 Q/DQ graph failed its parity check:\n" + "\n".join(p.table() for p in q.parity.values()))
         graph = q.paths["qdq"]
         notes.append(f"INT8 Q/DQ graph {graph} (calibrated on {q.calibration['n_images']} frames of {q.calibration['source']})")
+        _gate(q.parity.get("qdq"), "the INT8 Q/DQ graph", notes)
     result = build_engine(graph, out, precision, batch_sizes, flavour, gpu_arch, opt_batch, workspace_mb, hardware_compat)
     result.notes = notes
     # parity of the engine itself needs the GPU it was built for
@@ -481,16 +482,33 @@ def export_tensorrt(
             from lineside.export.parity import check_parity
             from lineside.export.quantize import _reference_backend
 
-            images, _ = real_images(calib, engine.input_size, engine.channels, parity_images, split="val" if calib is None else "train")
-            reference = _reference_backend(result.metadata, loaded, None)
+            images, _ = real_images(calib, engine.input_size, engine.channels, parity_images, split="val")
+            # eager torch on the checkpoint when at hand, else the graph the engine was built from in ONNX Runtime
+            reference = _reference_backend(result.metadata, loaded, Path(result.metadata["source_onnx"]))
             result.parity = check_parity(reference, engine, images, precision, batch_size=max(1, min(8, len(images))))
             from lineside.export.metadata import write_metadata
 
             result.metadata["parity"] = result.parity.to_dict()
             write_metadata(result.metadata, result.path, own_file=(result.path.with_name("model.engine.json")).is_file())
     elif parity_images:
-        result.notes.append("engine parity: skipped (needs an NVIDIA GPU); the ONNX graph it was built from passed its parity check")
+        result.notes.append("engine parity: skipped (needs an NVIDIA GPU); the graph it was built from was checked in ONNX Runtime")
     return result
+
+
+def _gate(report, what: str, notes: list[str]) -> None:
+    """Stop on a graph whose float outputs (or anything but decided-class agreement) fail parity in ONNX Runtime.
+
+    A lower agreement alone comes from near-tied classes flipping under another numeric path
+    (ONNX Runtime's CPU fp16/int8 kernels are not TensorRT's): noted, not fatal; the engine's
+    own parity runs on the GPU.
+    """
+    if report is None or report.ok:
+        return
+    if all(r.ok or r.metric == "agreement" for r in report.rows):
+        notes.append(f"{what}: decided classes agree below the tolerance in ONNX Runtime (near ties), float outputs within it:\n"
+                     + report.table())
+        return
+    raise TensorRTError(f"{what} failed its parity check:\n{report.table()}")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -505,7 +523,8 @@ def engine_problems(meta: dict, flavour: str | None, version: str | None, capabi
     info = meta.get("tensorrt") or {}
     want_f, want_v = info.get("flavour"), str(info.get("version") or "")
     built = _display(want_f or "?", want_v)
-    rebuild = "rebuild it here with `lineside export tensorrt --onnx MODEL.onnx --out DIR`"
+    rebuild = (f"rebuild it here with `lineside export tensorrt --onnx {meta.get('source_onnx') or 'MODEL.onnx'} --out DIR "
+               f"--precision {meta.get('precision', 'fp16')}`")
     if meta.get("format") != "tensorrt" or not want_f or not want_v:
         return ["its metadata has no TensorRT build record (flavour, version, GPU); export it with `lineside export tensorrt`"]
     problems = []
@@ -681,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in r.notes:
         print(note)
     mb = r.path.stat().st_size / 1e6
-    where = "ahead of time (no GPU here)" if info["ahead_of_time"] else f"on {info['built_on_gpu']}"
+    where = "ahead of time" if info["ahead_of_time"] else f"on {info['built_on_gpu']}"
     print(f"built {r.path} ({mb:.1f} MB, {r.metadata['precision']}) with {info['name']} {info['version']} {where} in {r.seconds:.1f} s")
     print(f"  network layers: {r.layers}; GPU targets: compute capability {', '.join(info['compute_capabilities'])}"
           + (" (hardware compatibility: Ampere+)" if info["hardware_compatibility"] == "ampere_plus" else ""))

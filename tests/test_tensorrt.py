@@ -78,6 +78,8 @@ def test_engine_metadata(engines, graphs, builder_flavour, precision: str) -> No
     assert info["flavour"] == builder_flavour and info["version"] == mod.__version__
     assert info["compute_capabilities"] and all(float(c) >= 7.5 for c in info["compute_capabilities"])
     assert info["strongly_typed"] is True
+    if builder_flavour == "tensorrt_rtx" and not torch.cuda.is_available():
+        assert info["ahead_of_time"] is True and info["built_on_gpu"] is None
     assert meta["source_onnx"] == os.path.abspath(graphs[precision])
     assert meta["inputs"][0]["shape"] == ["N", 1, 64, 64] and meta["inputs"][0]["dtype"] == "uint8"
     assert [o["name"] for o in meta["outputs"]] == ["grade_probs", "grade"]
@@ -94,6 +96,19 @@ def test_rtx_targets_named_architectures(graphs, builder_flavour, tmp_path: Path
     assert r.metadata["batch_profile"] == {"min": 1, "opt": 4, "max": 4}
     with pytest.raises(TensorRTError, match="cannot target compute capability 9.9"):
         build_engine(graphs["fp16"], tmp_path / "x", "fp16", flavour="tensorrt_rtx", gpu_arch="9.9")
+
+
+def test_rtx_on_a_gpu_it_cannot_target_builds_ahead_of_time(graphs, builder_flavour, monkeypatch, tmp_path: Path) -> None:
+    if builder_flavour != "tensorrt_rtx":
+        pytest.skip("ahead-of-time targets are a TensorRT-RTX feature")
+    monkeypatch.setattr(trt_export, "_cuda_available", lambda: True)
+    monkeypatch.setattr(trt_export, "_device_capability", lambda device="cuda": (9, 0))
+    monkeypatch.setattr(trt_export, "_device_name", lambda device="cuda": "NVIDIA H200")
+    r = build_engine(graphs["fp32"], tmp_path, "fp32", (1, 8), flavour="tensorrt_rtx")
+    info = r.metadata["tensorrt"]
+    assert info["ahead_of_time"] is True and "9.0" not in info["compute_capabilities"] and "8.6" in info["compute_capabilities"]
+    with pytest.raises(TensorRTError, match=r"NVIDIA H200, compute capability 9\.0\) is not a TensorRT-RTX target"):
+        build_engine(graphs["fp32"], tmp_path / "x", "fp32", flavour="tensorrt_rtx", gpu_arch="current")
 
 
 def test_strongly_typed_precision_comes_from_the_graph(graphs, builder_flavour, tmp_path: Path) -> None:
@@ -213,3 +228,28 @@ def test_engine_runs_on_the_gpu(engines, graphs, precision: str) -> None:
     report = check_parity(OnnxRuntimeBackend(graphs["fp32"]), backend, images, precision, batch_size=13)
     assert report.ok, report.table()
     assert backend(np.concatenate([images] * 2))["grade"].shape == (80,)  # past the profile's max: split
+
+
+@pytest.mark.slow
+def test_quickstart_sized_model_fp16_and_int8(builder_flavour, tmp_path: Path) -> None:
+    """EfficientNet-Lite0 at 160 px (the quickstart model, ImageNet-initialised): the fp16 graph loads in
+    ONNX Runtime on the CPU (its NCHWc pass used to crash on it) and TensorRT builds fp16 and INT8 engines."""
+    import yaml
+
+    from lineside.export.backends import OnnxRuntimeBackend
+    from lineside.export.calibration import real_images
+    from lineside.export.checkpoint import LoadedModel, instantiate_config
+    from lineside.vision.elpv import ELPV_GRADE_NAMES
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml").read_text())
+    model = instantiate_config(cfg["model"]["model"], offline_weights=False).eval()
+    loaded = LoadedModel(model, list(ELPV_GRADE_NAMES), 160, 1, 1)
+    fp16 = export_onnx(loaded, tmp_path / "fp16", fp16=True, parity_images=0).path
+    fp32 = export_onnx(loaded, tmp_path / "fp32", parity_images=0).path
+    images, _ = real_images(None, (160, 160), 1, 8, split="val")
+    a, b = OnnxRuntimeBackend(fp32)(images)["grade_probs"], OnnxRuntimeBackend(fp16)(images)["grade_probs"]
+    assert np.abs(a - b).max() < 1e-2
+    qdq = quantize_onnx(fp32, calib_images=32, parity_images=0, formats=("qdq",)).paths["qdq"]
+    for precision, graph in (("fp16", fp16), ("int8", qdq)):
+        r = build_engine(graph, tmp_path / f"trt_{precision}", precision, (1, 8, 32), flavour=builder_flavour)
+        assert r.metadata["precision"] == precision and r.path.stat().st_size > 1_000_000
