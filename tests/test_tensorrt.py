@@ -253,3 +253,17 @@ def test_quickstart_sized_model_fp16_and_int8(builder_flavour, tmp_path: Path) -
     for precision, graph in (("fp16", fp16), ("int8", qdq)):
         r = build_engine(graph, tmp_path / f"trt_{precision}", precision, (1, 8, 32), flavour=builder_flavour)
         assert r.metadata["precision"] == precision and r.path.stat().st_size > 1_000_000
+
+
+def test_parity_gate_notes_near_tie_flips_and_stops_on_float_errors() -> None:
+    from lineside.export.parity import ParityReport, ParityRow
+
+    flips = ParityReport("torch", "onnxruntime-fp16", 32, [ParityRow("grade_probs", "float", "max|Δ|", 5e-3, 1e-2, True),
+                                                           ParityRow("grade", "decoded", "agreement", 0.97, 0.98, False)])
+    notes: list[str] = []
+    trt_export._gate(flips, "the fp16 ONNX graph", notes)
+    assert notes and "near ties" in notes[0]
+    broken = ParityReport("torch", "onnxruntime-fp16", 32, [ParityRow("grade_probs", "float", "max|Δ|", 0.5, 1e-2, False),
+                                                            ParityRow("grade", "decoded", "agreement", 1.0, 0.98, True)])
+    with pytest.raises(TensorRTError, match="failed its parity check"):
+        trt_export._gate(broken, "the fp16 ONNX graph", [])
