@@ -614,10 +614,11 @@ class TensorRTBackend(Backend):
         self._logger = _Logger(trt)
         self.runtime = trt.Runtime(self._logger)
         data = Path(self.path).read_bytes()
+        validity, diag = None, None
         if hasattr(self.runtime, "get_engine_validity"):
             try:
-                validity, diag = self.runtime.get_engine_validity(data[: self.runtime.engine_header_size])
-            except Exception:  # noqa: BLE001 - older runtimes: the deserialiser decides
+                validity, diag = self.runtime.get_engine_validity(data[: getattr(self.runtime, "engine_header_size", len(data))])
+            except Exception:  # noqa: BLE001 - runtimes without the header check: the deserialiser decides
                 validity = None
             if validity is not None and validity == trt.EngineValidity.INVALID:
                 raise BackendError(f"{self.path}: {_display(self.flavour, trt.__version__)} says the engine cannot run here (diagnostics {diag!r})")
