@@ -142,7 +142,7 @@ class TorchBackend(Backend):
         self.autocast = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.dtype = dtype
         mode = compile if isinstance(compile, str) else None
-        self._fn = torch.compile(self.deployable, mode=mode, dynamic=False) if compile else self.deployable
+        self._fn = torch.compile(self.deployable, mode=mode) if compile else self.deployable
         if compile:
             self.name = "torch.compile" + (f"({mode})" if mode else "")
         if self.autocast is not None:

@@ -63,7 +63,7 @@ def _throughput(backend, batch: np.ndarray, min_seconds: float = 3.0, min_rounds
     return n / (time.perf_counter() - start)
 
 
-def _builders(ckpt: str, device: str, input_size, workdir: Path) -> list[tuple[str, Callable]]:
+def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32) -> list[tuple[str, Callable]]:
     """(name, () -> Backend) for every backend worth trying on ``device``."""
     from lineside.export.backends import TorchBackend, load_backend
 
@@ -135,7 +135,7 @@ def run_bench(ckpt: str, device: str = "cpu", input_size=None, batch: int = 32, 
     frames_b = frames[:batch]
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, build in _builders(ckpt, device, eager.input_size if input_size else None, Path(tmp)):
+        for name, build in _builders(ckpt, device, eager.input_size if input_size else None, Path(tmp), batch):
             if only and not any(o in name for o in only):
                 continue
             row = BenchRow(name)
@@ -151,7 +151,11 @@ def run_bench(ckpt: str, device: str = "cpu", input_size=None, batch: int = 32, 
                 row.parity = "PASS" if rep.ok else "FAIL"
                 row.max_abs_diff = by["grade_probs"].value if "grade_probs" in by else None
                 row.agreement = by["grade"].value if "grade" in by else None
+                for _ in range(3):  # settle: compiled backends specialise (and recompile) per shape first
+                    backend(frames[:1])
+                    backend(frames_b)
                 row.p50_ms, row.p99_ms = _latency(backend, frames[:1], iters)
+                backend(frames_b)
                 row.throughput = _throughput(backend, frames_b)
             except Exception as exc:  # noqa: BLE001 - one backend's failure is a row, the bench goes on
                 row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
