@@ -38,14 +38,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from collections import deque
+from typing import Iterable, Iterator
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lineside.export.backends import Backend, BackendError, TorchBackend, load_backend  # noqa: E402
@@ -173,6 +173,34 @@ def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -
     journal.path.unlink(missing_ok=True)
 
 
+def _prefetched_batches(dataset: ScoringImageDataset, batch_size: int, threads: int, ahead: int = 4) -> Iterator[dict]:
+    """Batches ``{"image": (B, C, H, W) uint8 ndarray, "path": [...], "error": [...]}`` decoded by
+    ``threads`` threads, at most ``ahead`` batches in advance.
+
+    Threads, not worker processes: image decoding and every backend release the GIL, and
+    handing arrays between processes cost more than it saved (ONNX Runtime on 2 cores: 318 img/s
+    with one worker process, 392 with one decoding thread).
+    """
+
+    def load(start: int) -> dict:
+        items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
+        return {"image": np.stack([it["image"].numpy() for it in items]), "path": [it["path"] for it in items],
+                "error": [it["error"] for it in items]}
+
+    if threads <= 0:
+        for start in range(0, len(dataset), batch_size):
+            yield load(start)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        window: deque = deque()
+        for start in range(0, len(dataset), batch_size):
+            window.append(pool.submit(load, start))
+            if len(window) > ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("LINESIDE_CACHE") or Path.home() / ".cache" / "lineside")
 
@@ -285,13 +313,8 @@ def score(
 
     overlay_dir = Path(overlays) if overlays else None
     if num_workers is None:
-        num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    loader = DataLoader(
-        ScoringImageDataset(todo, runner.input_size, runner.channels),
-        batch_size=batch_size,
-        num_workers=num_workers if todo else 0,
-        prefetch_factor=4 if num_workers and todo else None,
-    )
+        num_workers = min(4, max(1, os.cpu_count() or 2))
+    loader = _prefetched_batches(ScoringImageDataset(todo, runner.input_size, runner.channels), batch_size, num_workers)
     scored = errors = 0
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=2) if overlay_dir else None
@@ -304,7 +327,7 @@ def score(
             probs = np.zeros((len(ok), len(class_names)), dtype=np.float64)
             grades = np.zeros(len(ok), dtype=np.int64)
             if ok.any():
-                out = runner(batch["image"].numpy()[ok])
+                out = runner(batch["image"][ok])
                 probs[ok] = out["grade_probs"]
                 grades[ok] = out["grade"]
             for i, path in enumerate(batch["path"]):
@@ -389,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with grade and confidence)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--num-workers", type=int, default=None, help="decoding workers (default: cores - 1, at most 4)")
+    ap.add_argument("--num-workers", type=int, default=None, help="decoding threads (default: cores, at most 4; 0 = decode in the main thread)")
     ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="dihedral test-time views (checkpoints; default: as trained)")
     ap.add_argument("--backend", default="auto", help="auto (default: a checkpoint runs as a cached ONNX export in ONNX Runtime on the CPU), "
                     "torch, onnxruntime, aoti, tensorrt")
