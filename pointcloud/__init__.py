@@ -5,3 +5,7 @@ measured on real data. This package never imports ``fusion``, ``export`` or ``vi
 """
 
 __all__: list[str] = []
+
+from .io import CameraIntrinsics, PointCloud, PointCloudReadError, depth_to_point_cloud, read_depth_image, read_intrinsics, read_point_cloud, read_rgbd  # noqa: E402
+
+__all__ += ["CameraIntrinsics", "PointCloud", "PointCloudReadError", "depth_to_point_cloud", "read_depth_image", "read_intrinsics", "read_point_cloud", "read_rgbd"]
