@@ -9,3 +9,7 @@ __all__: list[str] = []
 from .io import CameraIntrinsics, PointCloud, PointCloudReadError, depth_to_point_cloud, read_depth_image, read_intrinsics, read_point_cloud, read_rgbd  # noqa: E402
 
 __all__ += ["CameraIntrinsics", "PointCloud", "PointCloudReadError", "depth_to_point_cloud", "read_depth_image", "read_intrinsics", "read_point_cloud", "read_rgbd"]
+
+from .preprocess import NormalizeTransform, PreprocessedCloud, crop_to_box, estimate_normals, normalize, preprocess_cloud, remove_statistical_outliers, sample_fixed, voxel_downsample  # noqa: E402
+
+__all__ += ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_normals", "normalize", "preprocess_cloud", "remove_statistical_outliers", "sample_fixed", "voxel_downsample"]
