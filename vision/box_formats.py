@@ -347,6 +347,7 @@ def read_mask_folder(
     threshold: int = 127,
     groups: dict[str, str] | None = None,
     source: str = "masks",
+    connectivity: int = 8,
 ) -> tuple[list[DetectionRecord], list[str]]:
     """Image/mask pairs → records with one box per connected mask region and the mask kept.
 
@@ -359,6 +360,8 @@ def read_mask_folder(
             out, counted in the log), ``"keep"`` (an image without boxes) or ``"error"``.
         min_area: regions with fewer pixels are ignored.
         threshold: mask pixel > threshold is defect (0..255 scale).
+        connectivity: 8 (default: diagonal neighbours are one region, so a thin diagonal
+            crack stays one box) or 4.
         groups: image path → physical group, stored in ``record.group``.
     """
     if empty_masks not in ("skip", "keep", "error"):
@@ -372,7 +375,7 @@ def read_mask_folder(
         mask = read_binary_mask(mask_path, threshold)
         if mask.shape != (height, width):
             raise DetectionFormatError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image} is {width}x{height}")
-        boxes = boxes_from_mask(mask, min_area)
+        boxes = boxes_from_mask(mask, min_area, connectivity)
         if cls not in index and len(boxes):
             raise DetectionFormatError(f"{mask_path}: class {cls!r} is not a defect class {list(class_names)} but the mask has {len(boxes)} regions")
         if cls in index and not len(boxes):
@@ -388,7 +391,9 @@ def read_mask_folder(
     return records, list(class_names)
 
 
-def read_magnetic_tile(root: str | os.PathLike, empty_masks: str = "skip", min_area: int = 1) -> tuple[list[DetectionRecord], list[str]]:
+def read_magnetic_tile(
+    root: str | os.PathLike, empty_masks: str = "skip", min_area: int = 1, connectivity: int = 8
+) -> tuple[list[DetectionRecord], list[str]]:
     """Magnetic tile as in ``../shared/data/magnetic_tile``: ``MT_<Class>/Imgs/<stem>.jpg`` with
     the mask ``<stem>.png`` beside it; ``MT_Free`` images are defect-free (no boxes, all-zero mask).
 
@@ -396,6 +401,8 @@ def read_magnetic_tile(root: str | os.PathLike, empty_masks: str = "skip", min_a
     photographed under ~6 lightings; split by it), else the image's own stem. Classes:
     :data:`MAGNETIC_TILE_CLASSES`. Defect images with empty masks are handled per ``empty_masks``
     (the source has two such Uneven images; skipped and logged by default).
+    ``manifest.csv``'s ``component_boxes`` were derived with 4-connectivity (288 regions; 285
+    with the default 8, where diagonal touching pixels join).
     """
     root = Path(root)
     folders = sorted(d for d in root.glob("MT_*") if d.is_dir())
@@ -415,7 +422,9 @@ def read_magnetic_tile(root: str | os.PathLike, empty_masks: str = "skip", min_a
         with open(manifest, newline="", encoding="utf-8") as fh:
             groups = {str(root / r["image_path"]): r["tile_group"] for r in csv.DictReader(fh)}
     groups = {image: groups.get(image, Path(image).stem) for image, _, _ in pairs}
-    return read_mask_folder(pairs, MAGNETIC_TILE_CLASSES, empty_masks, min_area, groups=groups, source=f"magnetic tile {root}")
+    return read_mask_folder(
+        pairs, MAGNETIC_TILE_CLASSES, empty_masks, min_area, groups=groups, source=f"magnetic tile {root}", connectivity=connectivity
+    )
 
 
 # --------------------------------------------------------------------------- DeepPCB
