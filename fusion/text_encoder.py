@@ -134,8 +134,17 @@ class TextEncoder(nn.Module):
 
         folder = Path(model_path) if model_path else minilm_path()
         self.model_source = str(model_path) if model_path else f"{MINILM_PACKAGE} (all-MiniLM-L6-v2)"
-        self.text_model = AutoModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-weight progress bar for a 90 MB local file is noise
+        try:
+            self.text_model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        self.text_model.pooler = None  # sentence pooling is not used: the fusion takes every token
         self.hidden_dim = int(self.text_model.config.hidden_size)
         layers = self.text_model.encoder.layer
         if not 0 <= trainable_layers <= len(layers):
