@@ -13,3 +13,7 @@ __all__ += ["CameraIntrinsics", "PointCloud", "PointCloudReadError", "depth_to_p
 from .preprocess import NormalizeTransform, PreprocessedCloud, crop_to_box, estimate_normals, normalize, preprocess_cloud, remove_statistical_outliers, sample_fixed, voxel_downsample  # noqa: E402
 
 __all__ += ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_normals", "normalize", "preprocess_cloud", "remove_statistical_outliers", "sample_fixed", "voxel_downsample"]
+
+from .grasp_labels import GRASP_DIM, ParallelJawGripper, antipodal_grasps, evaluate_grasps, grasp_frames, is_grasp_successful, make_grasps  # noqa: E402
+
+__all__ += ["GRASP_DIM", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]

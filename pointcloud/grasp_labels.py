@@ -1,0 +1,307 @@
+"""Ground-truth antipodal grasps for a parallel-jaw gripper, computed from a part's mesh with
+open3d's ``RaycastingScene``, and the same analytic test for judging predicted grasps.
+
+Grasp array layout (``GRASP_DIM = 11`` float32 columns, one row per grasp, metres, the mesh frame):
+
+====== ========= ==========================================================================
+cols   name      meaning
+====== ========= ==========================================================================
+0:3    position  centre between the two contacts (m)
+3:6    approach  unit vector the gripper moves along toward the part (palm → fingertips)
+6:9    closing   unit vector from one finger to the other (⊥ approach)
+9      width     distance between the contacts (m), ≤ the gripper's ``max_width``
+10     score     friction margin in [0, 1]: 1 - (worst contact angle to the closing axis) /
+                 atan(mu); 1 = both contact normals along the closing axis
+====== ========= ==========================================================================
+
+Gripper frame used by the collision test: x = closing, z = approach, y = z × x; the contacts
+lie on the x axis (z = 0) ``tip_margin`` behind the fingertips. Each finger is a box
+``finger_thickness`` (x) × ``finger_width`` (y) × ``finger_depth`` (z); the palm is a slab
+``palm_thickness`` deep behind the fingers spanning the full opening. A grasp collides when
+any sample of the palm, or of the region each finger sweeps while closing from
+``max_width`` onto its contact, lies inside the part (``compute_occupancy``; the mesh should
+be watertight).
+
+Test (:func:`evaluate_grasps`, :func:`is_grasp_successful`): close both fingers from the open
+gripper along the closing axis (two rays); their first hits are the contacts; the grasp
+succeeds when both contacts exist with width ≤ ``max_width``, both contact normals lie
+inside the friction cone (half-angle ``atan(mu)``) around the closing axis, and nothing
+collides. :func:`antipodal_grasps` samples surface points, casts a ray inward (within the
+friction cone of -normal) to find the opposite contact, spins approach directions around the
+closing axis, and keeps what passes the same test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import open3d as o3d
+
+__all__ = [
+    "GRASP_DIM",
+    "ParallelJawGripper",
+    "antipodal_grasps",
+    "evaluate_grasps",
+    "grasp_frames",
+    "is_grasp_successful",
+    "make_grasps",
+]
+
+GRASP_DIM = 11
+POSITION, APPROACH, CLOSING, WIDTH, SCORE = slice(0, 3), slice(3, 6), slice(6, 9), 9, 10
+
+
+@dataclass(frozen=True)
+class ParallelJawGripper:
+    """A parallel-jaw gripper (metres); defaults are a Franka-Hand-like 8 cm stroke.
+
+    Attributes:
+        max_width: largest opening between the finger pads.
+        finger_depth: finger length along the approach (how deep the part may sit between them).
+        finger_width: pad size across the closing plane (y).
+        finger_thickness: finger size along the closing axis (x).
+        palm_thickness: depth of the palm slab behind the fingers.
+        tip_margin: how far the contacts sit behind the fingertips (0 ≤ tip_margin < finger_depth).
+        clearance: gap left between a closed finger and the contact surface in the collision test.
+        min_width: narrowest graspable width.
+    """
+
+    max_width: float = 0.08
+    finger_depth: float = 0.04
+    finger_width: float = 0.02
+    finger_thickness: float = 0.008
+    palm_thickness: float = 0.01
+    tip_margin: float = 0.005
+    clearance: float = 0.001
+    min_width: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.tip_margin < self.finger_depth:
+            raise ValueError("need 0 <= tip_margin < finger_depth")
+        if self.max_width <= 0:
+            raise ValueError("max_width must be positive")
+
+
+def make_grasps(position, approach, closing, width, score=None) -> np.ndarray:
+    """Pack ``(G, 3)`` positions/approaches/closings and ``(G,)`` widths (scores) into ``(G, 11)``."""
+    position = np.atleast_2d(np.asarray(position, np.float64))
+    g = np.zeros((position.shape[0], GRASP_DIM), np.float32)
+    g[:, POSITION] = position
+    g[:, APPROACH] = _unit(np.atleast_2d(approach))
+    g[:, CLOSING] = _unit(np.atleast_2d(closing))
+    g[:, WIDTH] = width
+    g[:, SCORE] = 0.0 if score is None else score
+    return g
+
+
+def grasp_frames(grasps: np.ndarray) -> np.ndarray:
+    """``(G, 11)`` grasps → ``(G, 4, 4)`` poses: columns x = closing, y = approach × closing, z = approach, origin = position."""
+    grasps = np.atleast_2d(grasps).astype(np.float64)
+    x, z = grasps[:, CLOSING], grasps[:, APPROACH]
+    y = np.cross(z, x)
+    t = np.tile(np.eye(4), (len(grasps), 1, 1))
+    t[:, :3, 0], t[:, :3, 1], t[:, :3, 2], t[:, :3, 3] = x, y, z, grasps[:, POSITION]
+    return t
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _scene(mesh) -> o3d.t.geometry.RaycastingScene:
+    if isinstance(mesh, o3d.t.geometry.RaycastingScene):
+        return mesh
+    scene = o3d.t.geometry.RaycastingScene()
+    tmesh = mesh if isinstance(mesh, o3d.t.geometry.TriangleMesh) else o3d.t.geometry.TriangleMesh.from_legacy(mesh)
+    scene.add_triangles(tmesh)
+    return scene
+
+
+def _cast(scene, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rays = o3d.core.Tensor(np.concatenate([origins, directions], axis=1).astype(np.float32))
+    ans = scene.cast_rays(rays)
+    return ans["t_hit"].numpy().astype(np.float64), ans["primitive_normals"].numpy().astype(np.float64)
+
+
+def _occupied(scene, points: np.ndarray) -> np.ndarray:
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    occ = scene.compute_occupancy(o3d.core.Tensor(points.astype(np.float32)), nsamples=1)
+    return occ.numpy() > 0.5
+
+
+def _grid(n: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, max(int(n), 2))
+
+
+def evaluate_grasps(mesh, grasps: np.ndarray, gripper: ParallelJawGripper = ParallelJawGripper(), mu: float = 0.5, resolution: float = 0.005, chunk: int = 2048):
+    """Close the gripper at each grasp and test contacts, friction cones and collisions.
+
+    Args:
+        mesh: open3d ``TriangleMesh`` (legacy or tensor, metres, watertight) or a ready ``RaycastingScene``.
+        grasps: ``(G, 11)`` grasp array (the width column is ignored: the fingers close from ``max_width``).
+        gripper: the gripper geometry.
+        mu: Coulomb friction coefficient (cone half-angle ``atan(mu)``).
+        resolution: spacing (m) of the collision samples in the finger and palm volumes.
+
+    Returns:
+        ``ok (G,)`` bool, ``width (G,)`` contact distance (nan without two contacts),
+        ``score (G,)`` friction margin in [0, 1] (0 where not ok), ``position (G, 3)`` contact midpoint.
+    """
+    scene = _scene(mesh)
+    grasps = np.atleast_2d(np.asarray(grasps, np.float64))
+    outs = [_evaluate_chunk(scene, grasps[i : i + chunk], gripper, mu, resolution) for i in range(0, len(grasps), chunk)]
+    if not outs:
+        return np.zeros(0, bool), np.zeros(0), np.zeros(0), np.zeros((0, 3))
+    return tuple(np.concatenate(parts) for parts in zip(*outs))
+
+
+def _evaluate_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float, res: float):
+    g = len(grasps)
+    c, z, x = grasps[:, POSITION], _unit(grasps[:, APPROACH]), _unit(grasps[:, CLOSING])
+    x = _unit(x - (x * z).sum(1, keepdims=True) * z)  # closing ⊥ approach
+    y = np.cross(z, x)
+    half_open = gr.max_width / 2 + gr.clearance
+    # close each finger from the open position toward the centre
+    t_pos, n_pos = _cast(scene, c + half_open * x, -x)
+    t_neg, n_neg = _cast(scene, c - half_open * x, x)
+    x_pos, x_neg = half_open - t_pos, t_neg - half_open  # contact coordinates along x
+    width = x_pos - x_neg
+    have = np.isfinite(width) & (t_pos <= 2 * half_open) & (t_neg <= 2 * half_open) & (width >= max(gr.min_width, 1e-6)) & (width <= gr.max_width)
+    cos_cone = np.cos(np.arctan(mu))
+    cos_pos, cos_neg = np.abs((n_pos * x).sum(1)), np.abs((n_neg * x).sum(1))
+    friction = have & (cos_pos >= cos_cone) & (cos_neg >= cos_cone)
+    worst = np.arccos(np.clip(np.minimum(cos_pos, cos_neg), -1.0, 1.0))
+    score = np.where(friction, np.clip(1.0 - worst / np.arctan(mu), 0.0, 1.0), 0.0)
+
+    # collision samples in the gripper frame; finger regions run from the contact (+clearance) to the open finger's outer face
+    outer = half_open + gr.finger_thickness
+    z_lo, z_hi = gr.tip_margin - gr.finger_depth, gr.tip_margin
+    fx, fy, fz = _grid(np.ceil(outer / res) + 1), _grid(np.ceil(gr.finger_width / res) + 1), _grid(np.ceil(gr.finger_depth / res) + 1)
+    F = np.stack(np.meshgrid(fx, fy, fz, indexing="ij"), -1).reshape(-1, 3)  # unit-cube fractions
+    px, pz = _grid(np.ceil(2 * outer / res) + 1), _grid(np.ceil(gr.palm_thickness / res) + 1)
+    P = np.stack(np.meshgrid(px, fy, pz, indexing="ij"), -1).reshape(-1, 3)
+    idx = np.flatnonzero(friction)
+    collide = np.zeros(g, bool)
+    if len(idx):
+        xp = np.where(np.isfinite(x_pos[idx]), x_pos[idx], 0.0)
+        xn = np.where(np.isfinite(x_neg[idx]), x_neg[idx], 0.0)
+        ys = (F[:, 1] - 0.5) * gr.finger_width
+        zs = z_lo + F[:, 2] * (z_hi - z_lo)
+        # (k, S) local coordinates per grasp
+        lx_pos = (xp + gr.clearance)[:, None] + F[None, :, 0] * (outer - xp - gr.clearance)[:, None]
+        lx_neg = (xn - gr.clearance)[:, None] - F[None, :, 0] * (outer + xn - gr.clearance)[:, None]
+        pxs, pys, pzs = -outer + P[:, 0] * 2 * outer, (P[:, 1] - 0.5) * gr.finger_width, z_lo - P[:, 2] * gr.palm_thickness
+        local_x = np.concatenate([lx_pos, lx_neg, np.broadcast_to(pxs, (len(idx), len(P)))], 1)
+        local_y = np.concatenate([np.broadcast_to(ys, lx_pos.shape), np.broadcast_to(ys, lx_neg.shape), np.broadcast_to(pys, (len(idx), len(P)))], 1)
+        local_z = np.concatenate([np.broadcast_to(zs, lx_pos.shape), np.broadcast_to(zs, lx_neg.shape), np.broadcast_to(pzs, (len(idx), len(P)))], 1)
+        ci, xi, yi, zi = c[idx, None], x[idx, None], y[idx, None], z[idx, None]
+        pts = ci + local_x[..., None] * xi + local_y[..., None] * yi + local_z[..., None] * zi
+        occ = _occupied(scene, pts.reshape(-1, 3)).reshape(len(idx), -1)
+        collide[idx] = occ.any(1)
+    ok = friction & ~collide
+    centre = c + ((np.where(np.isfinite(x_pos), x_pos, 0) + np.where(np.isfinite(x_neg), x_neg, 0)) / 2)[:, None] * x
+    return ok, np.where(have, width, np.nan), np.where(ok, score, 0.0), centre
+
+
+def is_grasp_successful(mesh, grasp: np.ndarray, gripper: ParallelJawGripper = ParallelJawGripper(), mu: float = 0.5, resolution: float = 0.005) -> bool:
+    """The analytic antipodal + collision test for one ``(11,)`` grasp (see :func:`evaluate_grasps`)."""
+    ok, *_ = evaluate_grasps(mesh, np.asarray(grasp).reshape(1, -1), gripper, mu, resolution)
+    return bool(ok[0])
+
+
+def _perpendicular_basis(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors ``(G, 3)`` spanning the plane ⊥ each row of ``u``."""
+    helper = np.where(np.abs(u[:, :1]) < 0.9, np.array([[1.0, 0, 0]]), np.array([[0, 1.0, 0]]))
+    e1 = _unit(np.cross(u, helper))
+    return e1, np.cross(u, e1)
+
+
+def _sample_surface(mesh: o3d.geometry.TriangleMesh, num: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Area-uniform seeded surface samples: points ``(num, 3)`` and their triangles' unit normals ``(num, 3)``."""
+    v, f = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.triangles, np.int64)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    cross = np.cross(b - a, c - a)
+    area = np.linalg.norm(cross, axis=1)
+    if area.sum() <= 0:
+        raise ValueError("antipodal_grasps: the mesh has zero surface area")
+    tri = rng.choice(len(f), num, p=area / area.sum())
+    r1, r2 = rng.random(num), rng.random(num)
+    s = np.sqrt(r1)
+    w0, w1, w2 = 1 - s, s * (1 - r2), s * r2
+    pts = w0[:, None] * a[tri] + w1[:, None] * b[tri] + w2[:, None] * c[tri]
+    return pts, _unit(cross[tri])
+
+
+def antipodal_grasps(
+    mesh: o3d.geometry.TriangleMesh,
+    gripper: ParallelJawGripper = ParallelJawGripper(),
+    *,
+    mu: float = 0.5,
+    num_samples: int = 1000,
+    num_approaches: int = 8,
+    cone_sampling: float = 0.5,
+    resolution: float = 0.005,
+    max_grasps: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Ground-truth antipodal grasps of a part.
+
+    Args:
+        mesh: legacy open3d ``TriangleMesh`` in metres (watertight, for the collision test).
+        gripper: the gripper geometry (``max_width``, ``finger_depth`` …).
+        mu: friction coefficient; the cone half-angle is ``atan(mu)``.
+        num_samples: surface points sampled (area-uniform) as first contacts.
+        num_approaches: approach directions tried around each closing axis (random phase).
+        cone_sampling: inward rays deviate from -normal by up to this fraction of the cone angle.
+        resolution: collision sample spacing (m).
+        max_grasps: keep the best-scoring this many (all when None).
+        seed: the sampling seed.
+
+    Returns:
+        ``(G, 11)`` float32 grasps sorted by score (layout in the module docstring); ``(0, 11)`` when none.
+    """
+    if not mesh.has_triangles():
+        raise ValueError("antipodal_grasps: the mesh has no triangles")
+    rng = np.random.default_rng(seed)
+    scene = _scene(mesh)
+    p, n = _sample_surface(mesh, num_samples, rng)
+    eps = 1e-4
+    # inward direction per point, robust to inconsistent triangle winding
+    inside_minus = _occupied(scene, p - eps * n)
+    inside_plus = _occupied(scene, p + eps * n)
+    inward = np.where(inside_minus[:, None], -n, n)
+    keep = inside_minus ^ inside_plus
+    p, inward = p[keep], inward[keep]
+    if len(p) == 0:
+        return np.zeros((0, GRASP_DIM), np.float32)
+    # perturb the inward ray inside the friction cone
+    e1, e2 = _perpendicular_basis(inward)
+    tilt = rng.uniform(0, cone_sampling * np.arctan(mu), len(p))
+    phase = rng.uniform(0, 2 * np.pi, len(p))
+    d = _unit(np.cos(tilt)[:, None] * inward + np.sin(tilt)[:, None] * (np.cos(phase)[:, None] * e1 + np.sin(phase)[:, None] * e2))
+    origin = p + eps * d
+    t_hit, _ = _cast(scene, origin, d)
+    q = origin + np.where(np.isfinite(t_hit), t_hit, 0.0)[:, None] * d
+    width = np.linalg.norm(q - p, axis=1)
+    good = np.isfinite(t_hit) & (width <= gripper.max_width) & (width >= max(gripper.min_width, 1e-6))
+    p, q = p[good], q[good]
+    if len(p) == 0:
+        return np.zeros((0, GRASP_DIM), np.float32)
+    centre, closing = (p + q) / 2, _unit(q - p)
+    b1, b2 = _perpendicular_basis(closing)
+    angles = rng.uniform(0, 2 * np.pi, (len(p), 1)) + np.arange(num_approaches)[None, :] * (2 * np.pi / num_approaches)
+    approach = np.cos(angles)[..., None] * b1[:, None] + np.sin(angles)[..., None] * b2[:, None]  # (M, K, 3)
+    cand = make_grasps(
+        np.repeat(centre, num_approaches, 0), approach.reshape(-1, 3), np.repeat(closing, num_approaches, 0), 0.0
+    )
+    ok, w, score, pos = evaluate_grasps(scene, cand, gripper, mu, resolution)
+    grasps = cand[ok]
+    grasps[:, POSITION] = pos[ok]
+    grasps[:, WIDTH] = w[ok]
+    grasps[:, SCORE] = score[ok]
+    order = np.argsort(-grasps[:, SCORE], kind="stable")
+    grasps = grasps[order]
+    return grasps if max_grasps is None else grasps[:max_grasps]
