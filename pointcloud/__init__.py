@@ -17,3 +17,7 @@ __all__ += ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_
 from .grasp_labels import GRASP_DIM, ParallelJawGripper, antipodal_grasps, evaluate_grasps, grasp_frames, is_grasp_successful, make_grasps  # noqa: E402
 
 __all__ += ["GRASP_DIM", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]
+
+from .parts import PART_KINDS, Part, PartialView, extrude_polygon, look_at, make_part, random_part, render_partial_view, revolve_profile  # noqa: E402
+
+__all__ += ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "look_at", "make_part", "random_part", "render_partial_view", "revolve_profile"]
