@@ -85,10 +85,11 @@ def knn_group(points: Tensor, mask: Tensor, centres: Tensor, k: int) -> Tensor:
     Returns:
         idx: (B, G, k) int64 indices into P.
     """
-    # |c - p|^2 = |c|^2 - 2 c.p + |p|^2: one matmul instead of a (B, G, P, 3) difference tensor.
-    d2 = (centres**2).sum(-1, keepdim=True) - 2.0 * centres @ points.transpose(1, 2) + (points**2).sum(-1).unsqueeze(1)
-    big = torch.full_like(d2, 1e10)
-    d2 = torch.where(mask.unsqueeze(1), d2.clamp(min=0.0), big)
+    # |c - p|^2 = |c|^2 + |p|^2 - 2 c.p in one batched matmul-add instead of a (B, G, P, 3) difference
+    # tensor; padded points get |p|^2 = 1e10, so they rank last and are recognised below.
+    sq = (points**2).sum(-1)
+    sq = torch.where(mask, sq, torch.full_like(sq, 1e10))
+    d2 = torch.baddbmm(sq.unsqueeze(1) + (centres**2).sum(-1, keepdim=True), centres, points.transpose(1, 2), alpha=-2.0)
     dists, idx = torch.topk(d2, k, dim=-1, largest=False)
     return torch.where(dists < 1e9, idx, idx[..., :1])
 
