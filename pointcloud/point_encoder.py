@@ -18,14 +18,28 @@ tokens. The same rule marks exact duplicate coordinates of a real cloud as paddi
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lineside.vision.image_encoder import EncoderOutput
+__all__ = ["EncoderOutput", "PlainPointNet", "PointEncoder", "farthest_point_sample", "knn_group"]
 
-__all__ = ["PlainPointNet", "PointEncoder", "farthest_point_sample", "knn_group"]
+
+class EncoderOutput(NamedTuple):
+    """What every modality encoder returns; the same fields, in the same order, as
+    ``lineside.vision.EncoderOutput`` (the fusion transformer reads the fields, so it takes
+    either). Declared here because ``pointcloud`` never imports ``vision``.
+
+    Attributes:
+        tokens: (B, L, D) float features.
+        positions: (B, L, 3) token positions: group centres in metres (sensor frame).
+        padding_mask: (B, L) bool, True where a token is padding.
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    padding_mask: Tensor
 
 
 def _gather_points(x: Tensor, idx: Tensor) -> Tensor:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lineside.pointcloud.point_encoder import PlainPointNet, PointEncoder, farthest_point_sample
-from lineside.vision.image_encoder import EncoderOutput
+from lineside.pointcloud.point_encoder import EncoderOutput, PlainPointNet, PointEncoder, farthest_point_sample
 
 P, G, K, D = 256, 16, 8, 32
 
@@ -29,6 +28,17 @@ def by_position(out: EncoderOutput, b: int) -> tuple[torch.Tensor, torch.Tensor]
     """Tokens and positions of cloud b sorted by x (an order-free view of the set)."""
     order = out.positions[b, :, 0].argsort()
     return out.tokens[b, order], out.positions[b, order]
+
+
+def test_output_is_the_encoder_contract_without_importing_vision() -> None:
+    import subprocess
+    import sys
+
+    from lineside.vision.image_encoder import EncoderOutput as VisionEncoderOutput
+
+    assert EncoderOutput._fields == VisionEncoderOutput._fields
+    code = "import sys, lineside.pointcloud.point_encoder; print(sorted(m for m in sys.modules if m.startswith(('lineside.vision', 'lineside.fusion', 'lineside.export'))))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_shapes_and_positions_are_real_points() -> None:
