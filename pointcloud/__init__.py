@@ -14,9 +14,9 @@ from .preprocess import NormalizeTransform, PreprocessedCloud, crop_to_box, esti
 
 __all__ += ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_normals", "normalize", "preprocess_cloud", "remove_statistical_outliers", "sample_fixed", "voxel_downsample"]
 
-from .grasp_labels import GRASP_DIM, ParallelJawGripper, antipodal_grasps, evaluate_grasps, grasp_frames, is_grasp_successful, make_grasps  # noqa: E402
+from .grasp_labels import GRASP_DIM, GraspScene, ParallelJawGripper, antipodal_grasps, evaluate_grasps, grasp_frames, is_grasp_successful, make_grasps  # noqa: E402
 
-__all__ += ["GRASP_DIM", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]
+__all__ += ["GRASP_DIM", "GraspScene", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]
 
 from .parts import PART_KINDS, Part, PartialView, extrude_polygon, look_at, make_part, random_part, render_partial_view, revolve_profile  # noqa: E402
 

@@ -19,8 +19,8 @@ lie on the x axis (z = 0) ``tip_margin`` behind the fingertips. Each finger is a
 ``finger_thickness`` (x) × ``finger_width`` (y) × ``finger_depth`` (z); the palm is a slab
 ``palm_thickness`` deep behind the fingers spanning the full opening. A grasp collides when
 any sample of the palm, or of the region each finger sweeps while closing from
-``max_width`` onto its contact, lies inside the part (``compute_occupancy``; the mesh should
-be watertight).
+``max_width`` onto its contact, lies inside the part (ray-parity occupancy per connected
+component, see :class:`GraspScene`; closed meshes, overlapping components allowed).
 
 Test (:func:`evaluate_grasps`, :func:`is_grasp_successful`): close both fingers from the open
 gripper along the closing axis (two rays); their first hits are the contacts; the grasp
@@ -40,6 +40,7 @@ import open3d as o3d
 
 __all__ = [
     "GRASP_DIM",
+    "GraspScene",
     "ParallelJawGripper",
     "antipodal_grasps",
     "evaluate_grasps",
@@ -110,26 +111,84 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def _scene(mesh) -> o3d.t.geometry.RaycastingScene:
-    if isinstance(mesh, o3d.t.geometry.RaycastingScene):
-        return mesh
-    scene = o3d.t.geometry.RaycastingScene()
-    tmesh = mesh if isinstance(mesh, o3d.t.geometry.TriangleMesh) else o3d.t.geometry.TriangleMesh.from_legacy(mesh)
-    scene.add_triangles(tmesh)
-    return scene
+class GraspScene:
+    """A part mesh prepared for grasp queries: ray casting over all triangles, and occupancy that
+    tolerates assemblies (one open3d ``RaycastingScene`` per connected component, OR-ed, since
+    parity-based occupancy breaks where closed components overlap) and small holes (majority vote
+    over 3 ray directions when the mesh is not watertight).
+
+    Build once per mesh and pass it to :func:`evaluate_grasps` / :func:`is_grasp_successful`
+    instead of the mesh when checking many grasps.
+    """
+
+    def __init__(self, mesh):
+        if isinstance(mesh, o3d.t.geometry.TriangleMesh):
+            mesh = mesh.to_legacy()
+        m = o3d.geometry.TriangleMesh(mesh)
+        m.remove_duplicated_vertices()
+        m.remove_degenerate_triangles()
+        if not m.has_triangles():
+            raise ValueError("GraspScene: the mesh has no triangles")
+        self.rays = o3d.t.geometry.RaycastingScene()
+        self.rays.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(m))
+        clusters, counts, _ = m.cluster_connected_triangles()
+        clusters, tris = np.asarray(clusters), np.asarray(m.triangles)
+        self.components = len(counts)
+        self.watertight = bool(m.is_watertight())
+        self.nsamples = 1 if self.watertight else 3
+        self.bounds = []
+        if self.components == 1:
+            self.parts = [self.rays]
+            self.bounds.append((m.get_min_bound() - 1e-6, m.get_max_bound() + 1e-6))
+        else:
+            self.parts = []
+            for i in range(self.components):
+                part = o3d.geometry.TriangleMesh(m.vertices, o3d.utility.Vector3iVector(tris[clusters == i]))
+                part.remove_unreferenced_vertices()
+                scene = o3d.t.geometry.RaycastingScene()
+                scene.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(part))
+                self.parts.append(scene)
+                self.bounds.append((part.get_min_bound() - 1e-6, part.get_max_bound() + 1e-6))
+
+    def cast(self, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First hits of ``(R, 3)`` rays: distances ``(R,)`` (inf for a miss) and face normals ``(R, 3)``."""
+        rays = o3d.core.Tensor(np.concatenate([origins, directions], axis=1).astype(np.float32))
+        ans = self.rays.cast_rays(rays)
+        return ans["t_hit"].numpy().astype(np.float64), ans["primitive_normals"].numpy().astype(np.float64)
+
+    def occupied(self, points: np.ndarray) -> np.ndarray:
+        """``(Q, 3)`` points → ``(Q,)`` bool, True inside the part."""
+        out = np.zeros(len(points), bool)
+        if len(points) == 0:
+            return out
+        for scene, (lo, hi) in zip(self.parts, self.bounds):
+            near = np.flatnonzero(((points >= lo) & (points <= hi)).all(1) & ~out)  # outside a component's box is outside it
+            if len(near):
+                out[near] |= self._parity_vote(scene, points[near])
+        return out
 
 
-def _cast(scene, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rays = o3d.core.Tensor(np.concatenate([origins, directions], axis=1).astype(np.float32))
-    ans = scene.cast_rays(rays)
-    return ans["t_hit"].numpy().astype(np.float64), ans["primitive_normals"].numpy().astype(np.float64)
+    # fixed, axis-skewed ray directions: deterministic labels (open3d's nsamples > 1 draws random ones)
+    def _parity_vote(self, scene, points: np.ndarray) -> np.ndarray:
+        dirs = np.array([[0.5773, 0.5774, 0.5773], [-0.7071, 0.1, 0.6999], [0.2, -0.9, 0.3873]])[: self.nsamples]
+        votes = np.zeros(len(points), np.int64)
+        for d in dirs:
+            d = d / np.linalg.norm(d)
+            rays = o3d.core.Tensor(np.concatenate([points, np.broadcast_to(d, points.shape)], 1).astype(np.float32))
+            votes += scene.count_intersections(rays).numpy() % 2
+        return votes * 2 > len(dirs)
 
 
-def _occupied(scene, points: np.ndarray) -> np.ndarray:
-    if len(points) == 0:
-        return np.zeros(0, bool)
-    occ = scene.compute_occupancy(o3d.core.Tensor(points.astype(np.float32)), nsamples=1)
-    return occ.numpy() > 0.5
+def _scene(mesh) -> GraspScene:
+    return mesh if isinstance(mesh, GraspScene) else GraspScene(mesh)
+
+
+def _cast(scene: GraspScene, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return scene.cast(origins, directions)
+
+
+def _occupied(scene: GraspScene, points: np.ndarray) -> np.ndarray:
+    return scene.occupied(points)
 
 
 def _grid(n: int) -> np.ndarray:
@@ -140,7 +199,7 @@ def evaluate_grasps(mesh, grasps: np.ndarray, gripper: ParallelJawGripper = Para
     """Close the gripper at each grasp and test contacts, friction cones and collisions.
 
     Args:
-        mesh: open3d ``TriangleMesh`` (legacy or tensor, metres, watertight) or a ready ``RaycastingScene``.
+        mesh: open3d ``TriangleMesh`` (legacy or tensor, metres, closed) or a prepared :class:`GraspScene`.
         grasps: ``(G, 11)`` grasp array (the width column is ignored: the fingers close from ``max_width``).
         gripper: the gripper geometry.
         mu: Coulomb friction coefficient (cone half-angle ``atan(mu)``).
