@@ -267,19 +267,19 @@ def render_partial_view(
     scene = o3d.t.geometry.RaycastingScene()
     for m in mesh if isinstance(mesh, (list, tuple)) else [mesh]:
         scene.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(m))
-    extrinsic = np.linalg.inv(np.asarray(camera_pose, np.float64))
-    rays = o3d.t.geometry.RaycastingScene.create_rays_pinhole(
-        o3d.core.Tensor(intrinsics.matrix), o3d.core.Tensor(extrinsic), int(intrinsics.width), int(intrinsics.height)
-    )
+    pose = np.asarray(camera_pose, np.float64)
+    # one ray per pixel (u, v) through the same pinhole model depth_to_point_cloud inverts: d_cam = ((u-cx)/fx, (v-cy)/fy, 1)
+    v, u = np.mgrid[0 : intrinsics.height, 0 : intrinsics.width].astype(np.float64)
+    d_cam = np.stack([(u - intrinsics.cx) / intrinsics.fx, (v - intrinsics.cy) / intrinsics.fy, np.ones_like(u)], -1)
+    d_world = d_cam @ pose[:3, :3].T
+    origins = np.broadcast_to(pose[:3, 3], d_world.shape)
+    rays = o3d.core.Tensor(np.concatenate([origins, d_world], -1).astype(np.float32))
     ans = scene.cast_rays(rays)
-    r = rays.numpy().astype(np.float64)
-    t_hit = ans["t_hit"].numpy().astype(np.float64)
-    hit = np.isfinite(t_hit)
-    world = r[..., :3] + np.where(hit, t_hit, 0.0)[..., None] * r[..., 3:]
-    cam = world @ extrinsic[:3, :3].T + extrinsic[:3, 3]
-    depth = np.where(hit, cam[..., 2], 0.0)
+    depth = ans["t_hit"].numpy().astype(np.float64)  # t along d_cam (unit z) is the depth
+    hit = np.isfinite(depth)
+    depth = np.where(hit, depth, 0.0)
     normals = ans["primitive_normals"].numpy().astype(np.float64)
-    dirs = r[..., 3:] / np.linalg.norm(r[..., 3:], axis=-1, keepdims=True)
+    dirs = d_world / np.linalg.norm(d_world, axis=-1, keepdims=True)
     cos_inc = np.abs((normals * dirs).sum(-1))
     valid = hit & (depth > 0) & (cos_inc >= np.cos(np.radians(max_incidence_deg)))
     valid &= rng.random(depth.shape) >= dropout
@@ -288,5 +288,5 @@ def render_partial_view(
     if not (depth > 0).any():
         raise ValueError("render_partial_view: the camera sees nothing of the part (check the pose)")
     pc = depth_to_point_cloud(depth, intrinsics, name="<virtual depth camera>")
-    pts_world = pc.points @ np.asarray(camera_pose)[:3, :3].T + np.asarray(camera_pose)[:3, 3]
-    return PartialView(depth, pts_world, pc.points, np.asarray(camera_pose, np.float64), intrinsics)
+    pts_world = pc.points @ pose[:3, :3].T + pose[:3, 3]
+    return PartialView(depth, pts_world, pc.points, pose, intrinsics)

@@ -1,0 +1,158 @@
+"""Antipodal grasp labels on shapes with known answers, the analytic success test, procedural
+parts, the virtual depth camera, and a smoke test on real workshop-tool meshes."""
+
+from __future__ import annotations
+
+import numpy as np
+import open3d as o3d
+import pytest
+
+from lineside.pointcloud.grasp_labels import (
+    GRASP_DIM,
+    GraspScene,
+    ParallelJawGripper,
+    antipodal_grasps,
+    evaluate_grasps,
+    grasp_frames,
+    is_grasp_successful,
+    make_grasps,
+)
+from lineside.pointcloud.io import read_point_cloud
+from lineside.pointcloud.parts import PART_KINDS, look_at, make_part, random_part, render_partial_view
+
+GRIPPER = ParallelJawGripper(max_width=0.08)
+
+
+def _centred_box(sx, sy, sz):
+    return o3d.geometry.TriangleMesh.create_box(sx, sy, sz).translate([-sx / 2, -sy / 2, -sz / 2])
+
+
+def _check_layout(g: np.ndarray):
+    assert g.ndim == 2 and g.shape[1] == GRASP_DIM and g.dtype == np.float32 and np.isfinite(g).all()
+    np.testing.assert_allclose(np.linalg.norm(g[:, 3:6], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(g[:, 6:9], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose((g[:, 3:6] * g[:, 6:9]).sum(1), 0.0, atol=1e-5)
+    assert (g[:, 9] > 0).all() and (g[:, 9] <= GRIPPER.max_width + 1e-6).all()
+    assert ((g[:, 10] >= 0) & (g[:, 10] <= 1)).all() and (np.diff(g[:, 10]) <= 1e-7).all()  # sorted by score
+
+
+def test_cube_grasps_span_its_side():
+    cube = _centred_box(0.04, 0.04, 0.04)
+    g = antipodal_grasps(cube, GRIPPER, num_samples=300, seed=0)
+    _check_layout(g)
+    assert len(g) > 100
+    axis_aligned = np.abs(g[:, 6:9]).max(1) > 0.999
+    assert axis_aligned.mean() > 0.5
+    np.testing.assert_allclose(g[axis_aligned, 9], 0.04, atol=1e-3)
+    # tilted closings stay inside the friction cone: width ≤ side / cos(atan(mu))
+    assert (g[:, 9] <= 0.04 / np.cos(np.arctan(0.5)) + 1e-4).all()
+    assert (np.abs(g[:, :3]) <= 0.02 + 1e-6).all()  # centres inside the cube
+    frames = grasp_frames(g[:5])
+    np.testing.assert_allclose(frames[:, :3, :3] @ frames[:, :3, :3].transpose(0, 2, 1), np.broadcast_to(np.eye(3), (5, 3, 3)), atol=1e-5)
+    scene = GraspScene(cube)
+    ok, width, score, _ = evaluate_grasps(scene, g[:50], GRIPPER)
+    assert ok.all()
+    np.testing.assert_allclose(width, g[:50, 9], atol=1e-5)
+    np.testing.assert_allclose(score, g[:50, 10], atol=1e-5)
+
+
+def test_grasps_are_seeded():
+    cube = _centred_box(0.03, 0.05, 0.04)
+    np.testing.assert_array_equal(antipodal_grasps(cube, num_samples=100, seed=3), antipodal_grasps(cube, num_samples=100, seed=3))
+
+
+def test_sphere_wider_than_the_gripper_has_no_grasp():
+    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=0.1, resolution=30)
+    g = antipodal_grasps(sphere, GRIPPER, num_samples=300)
+    assert g.shape == (0, GRASP_DIM)
+    wide = ParallelJawGripper(max_width=0.25, finger_depth=0.12)
+    assert len(antipodal_grasps(sphere, wide, num_samples=100)) > 0
+
+
+def test_success_check_rejects_grasps_through_the_part():
+    bar = _centred_box(0.04, 0.04, 0.2)  # long along z
+    scene = GraspScene(bar)
+    side = make_grasps([0, 0, 0], approach=[0, 1, 0], closing=[1, 0, 0], width=0.04)[0]
+    assert is_grasp_successful(bar, side, GRIPPER)
+    assert is_grasp_successful(scene, side, GRIPPER)
+    # approach along the bar from mid-height: the palm sits inside the bar
+    through = make_grasps([0, 0, 0], approach=[0, 0, -1], closing=[1, 0, 0], width=0.04)[0]
+    assert not is_grasp_successful(scene, through, GRIPPER)
+    # the same approach near the end is fine: the palm stays above the bar
+    near_end = make_grasps([0, 0, 0.09], approach=[0, 0, -1], closing=[1, 0, 0], width=0.04)[0]
+    assert is_grasp_successful(scene, near_end, GRIPPER)
+    # closing along the 0.2 m bar: the fingers start inside it
+    along = make_grasps([0, 0, 0], approach=[0, 1, 0], closing=[0, 0, 1], width=0.04)[0]
+    assert not is_grasp_successful(scene, along, GRIPPER)
+    # in the air beside the part: no contacts
+    air = make_grasps([0.3, 0, 0], approach=[0, 1, 0], closing=[1, 0, 0], width=0.04)[0]
+    ok, width, _, _ = evaluate_grasps(scene, air[None], GRIPPER)
+    assert not ok[0] and np.isnan(width[0])
+
+
+def test_success_check_friction_cone():
+    bar = _centred_box(0.04, 0.04, 0.2)
+    tilt = np.radians(20)
+    g = make_grasps([0, 0, 0], approach=[0, 1, 0], closing=[np.cos(tilt), 0, np.sin(tilt)], width=0.04)
+    _, width, _, _ = evaluate_grasps(bar, g, GRIPPER, mu=0.1)
+    assert width[0] == pytest.approx(0.04 / np.cos(tilt), abs=1e-4)
+    assert not is_grasp_successful(bar, g[0], GRIPPER, mu=0.1)  # 20° > atan(0.1) ≈ 5.7°
+    thin = ParallelJawGripper(max_width=0.08, finger_width=0.002, clearance=0.003)
+    assert is_grasp_successful(bar, g[0], thin, mu=0.5)  # 20° < atan(0.5) ≈ 26.6°, tiny pads clear the tilted faces
+
+
+def test_procedural_parts_are_closed_seeded_and_graspable():
+    for kind in PART_KINDS:
+        part = random_part(7, kind)
+        assert part.kind == kind and part.mesh.is_watertight(), kind
+        assert part.mesh.get_volume() > 0, kind
+        again = random_part(7, kind)
+        np.testing.assert_array_equal(np.asarray(part.mesh.vertices), np.asarray(again.mesh.vertices))
+    box = make_part("box", sx=0.03, sy=0.05, sz=0.06)
+    np.testing.assert_allclose(box.get_axis_aligned_bounding_box().get_extent(), [0.03, 0.05, 0.06])
+    tube = make_part("tube", inner_radius=0.01, outer_radius=0.015, length=0.05)
+    assert tube.get_volume() == pytest.approx(np.pi * (0.015**2 - 0.01**2) * 0.05, rel=0.01)
+    shaft = random_part(1, "shaft")
+    g = antipodal_grasps(shaft.mesh, GRIPPER, num_samples=200)
+    _check_layout(g)
+    assert len(g) > 0
+
+
+def test_partial_view_sees_only_the_camera_facing_side():
+    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=0.05, resolution=40)
+    eye = np.array([0.0, 0.0, 0.5])
+    view = render_partial_view(sphere, look_at(eye), noise_std=0.0, dropout=0.0)
+    pts = view.points
+    assert len(pts) > 500 and view.depth.shape == (240, 320)
+    np.testing.assert_allclose(np.linalg.norm(pts, axis=1), 0.05, atol=1e-3)  # on the sphere
+    assert (pts[:, 2] > 0.004).all()  # only the cap facing the camera (z > r²/d = 0.005, less tessellation)
+    assert pts[:, 2].max() == pytest.approx(0.05, abs=1e-3)
+    np.testing.assert_allclose(view.points_camera[:, 2], view.depth[view.depth > 0], atol=1e-6)
+    noisy = render_partial_view(sphere, look_at(eye), noise_std=0.002, dropout=0.3, rng=1)
+    assert 0.55 * len(pts) < len(noisy.points) < 0.85 * len(pts)
+    assert (np.linalg.norm(noisy.points, axis=1) - 0.05).std() > 5 * (np.linalg.norm(pts, axis=1) - 0.05).std()
+    cube = _centred_box(0.04, 0.04, 0.04)
+    top = render_partial_view(cube, look_at(eye), noise_std=0.0, dropout=0.0).points
+    np.testing.assert_allclose(top[:, 2], 0.02, atol=1e-5)  # only the top face
+
+
+TOOLS = ("Allen Key", "Screwdriver")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_workshop_tool_meshes_label(shared_data, tool):
+    folder = shared_data / "workshop_tools" / "tools" / tool
+    mesh = o3d.io.read_triangle_mesh(str(folder / "mesh.ply"))
+    assert mesh.has_triangles()
+    mesh.scale(0.001, center=np.zeros(3))  # mm → m
+    g = antipodal_grasps(mesh, GRIPPER, num_samples=300, seed=0)
+    _check_layout(g)
+    assert len(g) > 50
+    # the labels sit on the part as the shipped point cloud (metres, same frame) shows it
+    cloud = read_point_cloud(folder / "point-cloud.ply")
+    tree = o3d.geometry.KDTreeFlann(cloud.to_open3d())
+    dist = [np.sqrt(tree.search_knn_vector_3d(p.astype(np.float64), 1)[2][0]) for p in g[:100, :3]]
+    assert np.median(dist) < 0.02
+    scene = GraspScene(mesh)
+    ok, *_ = evaluate_grasps(scene, g[:100], GRIPPER)
+    assert ok.all()
