@@ -156,3 +156,21 @@ def test_workshop_tool_meshes_label(shared_data, tool):
     scene = GraspScene(mesh)
     ok, *_ = evaluate_grasps(scene, g[:100], GRIPPER)
     assert ok.all()
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_workshop_tool_reference_grasp_passes_the_check(shared_data, tool):
+    """The dataset's one grasp frame per tool (manifest.csv, mesh frame in metres) passes the analytic
+    test with one of its axes as the closing axis and another as the approach."""
+    import csv
+    import json
+
+    row = next(r for r in csv.DictReader(open(shared_data / "workshop_tools" / "manifest.csv")) if r["object"] == tool)
+    frame = np.asarray(json.loads(row["grasp_wrt_mesh_4x4"]), np.float64)
+    mesh = o3d.io.read_triangle_mesh(str(shared_data / "workshop_tools" / "tools" / tool / "mesh.ply"))
+    scene = GraspScene(mesh.scale(0.001, center=np.zeros(3)))
+    candidates = np.concatenate(
+        [make_grasps(frame[:3, 3], s * frame[:3, a], frame[:3, c], 0.0) for c in range(3) for a in range(3) if a != c for s in (1, -1)]
+    )
+    ok, width, _, _ = evaluate_grasps(scene, candidates, GRIPPER)
+    assert ok.any() and (width[ok] <= GRIPPER.max_width).all()
