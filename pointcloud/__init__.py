@@ -18,6 +18,6 @@ from .grasp_labels import GRASP_DIM, GraspScene, ParallelJawGripper, antipodal_g
 
 __all__ += ["GRASP_DIM", "GraspScene", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]
 
-from .parts import PART_KINDS, Part, PartialView, extrude_polygon, look_at, make_part, random_part, render_partial_view, revolve_profile  # noqa: E402
+from .parts import PART_KINDS, Part, PartialView, extrude_polygon, holed_plate, look_at, make_part, random_part, render_partial_view, revolve_profile  # noqa: E402
 
-__all__ += ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "look_at", "make_part", "random_part", "render_partial_view", "revolve_profile"]
+__all__ += ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "holed_plate", "look_at", "make_part", "random_part", "render_partial_view", "revolve_profile"]

@@ -2,10 +2,9 @@
 poses, and a virtual depth camera that sees them as a line-side 3-D camera would (one side only,
 Gaussian depth noise, dropouts).
 
-Kinds (``PART_KINDS``): ``box``, ``plate``, ``l_profile``, ``u_profile`` (extruded polygons),
+Kinds (``PART_KINDS``): ``box``, ``plate`` (with round through-holes), ``l_profile``, ``u_profile`` (extruded polygons),
 ``shaft`` (stepped), ``tube``, ``flange`` (lathe profiles revolved about z). Dimensions are drawn
-so most parts fit an 8 cm parallel-jaw gripper somewhere. Plates with holes are not built: the
-extrusion here triangulates simple polygons only.
+so most parts fit an 8 cm parallel-jaw gripper somewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ __all__ = [
     "Part",
     "PartialView",
     "extrude_polygon",
+    "holed_plate",
     "look_at",
     "make_part",
     "random_part",
@@ -116,6 +116,60 @@ def revolve_profile(profile, segments: int = 48) -> o3d.geometry.TriangleMesh:
     return _finish(v, f)
 
 
+def holed_plate(tiles_x: int, tiles_y: int, tile: float, thickness: float, hole_radius: float, holes, segments_per_side: int = 4) -> o3d.geometry.TriangleMesh:
+    """A plate of ``tiles_x`` × ``tiles_y`` square tiles (side ``tile``, m) with a round through-hole of
+    ``hole_radius`` centred in each tile listed in ``holes`` (``(i, j)`` pairs): a watertight mesh.
+
+    Every tile's border carries the same ``4 * segments_per_side`` vertices, so solid tiles (a fan)
+    and holed tiles (a ring to the hole's polygon) meet without T-junctions.
+    """
+    if not 0 < hole_radius < tile / 2:
+        raise ValueError("need 0 < hole_radius < tile / 2")
+    k = segments_per_side
+    f = np.arange(k) / k
+    unit = np.concatenate([np.c_[f, np.zeros(k)], np.c_[np.ones(k), f], np.c_[1 - f, np.ones(k)], np.c_[np.zeros(k), 1 - f]])  # CCW border
+    holes = {tuple(h) for h in holes}
+    verts, tris, walls = [], [], []  # walls: (a, b) 2-D edges with the solid on their left
+
+    def add(points2d):
+        base = sum(len(v) for v in verts)
+        verts.append(np.asarray(points2d, np.float64))
+        return base
+
+    for i in range(tiles_x):
+        for j in range(tiles_y):
+            border = (np.array([i, j]) + unit) * tile
+            centre = (np.array([i, j]) + 0.5) * tile
+            n = len(border)
+            b = add(border)
+            nxt = (np.arange(n) + 1) % n
+            if (i, j) in holes:
+                ang = np.arctan2(border[:, 1] - centre[1], border[:, 0] - centre[0])
+                circle = centre + hole_radius * np.c_[np.cos(ang), np.sin(ang)]
+                c = add(circle)
+                tris += [np.c_[b + np.arange(n), b + nxt, c + nxt], np.c_[b + np.arange(n), c + nxt, c + np.arange(n)]]
+                walls += [(circle[(m + 1) % n], circle[m]) for m in range(n)]  # hole edges run clockwise
+            else:
+                c = add(centre[None])
+                tris.append(np.c_[b + np.arange(n), b + nxt, np.full(n, c)])
+            for m in range(n):  # border edges on the plate's outline
+                a2, b2 = border[m], border[(m + 1) % n]
+                mid = (a2 + b2) / 2
+                if mid[0] < 1e-12 or mid[1] < 1e-12 or mid[0] > tiles_x * tile - 1e-12 or mid[1] > tiles_y * tile - 1e-12:
+                    walls.append((a2, b2))
+    v2 = np.concatenate(verts)
+    cap = np.concatenate(tris)
+    nv = len(v2)
+    v = np.concatenate([np.c_[v2, np.zeros(nv)], np.c_[v2, np.full(nv, thickness)]])
+    faces = [cap[:, ::-1], cap + nv]
+    wall_v = np.array([[*a2, 0.0] for a2, _ in walls] + [[*b2, 0.0] for _, b2 in walls] + [[*b2, thickness] for _, b2 in walls] + [[*a2, thickness] for a2, _ in walls])
+    w = len(walls)
+    base = len(v)
+    idx = base + np.arange(w)
+    faces += [np.c_[idx, idx + w, idx + 2 * w], np.c_[idx, idx + 2 * w, idx + 3 * w]]
+    return _finish(np.concatenate([v, wall_v]), np.concatenate(faces))
+
+
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random ``(3, 3)`` rotation matrix."""
     q = rng.normal(size=4)
@@ -146,8 +200,11 @@ def make_part(kind: str, **dims: float) -> o3d.geometry.TriangleMesh:
         mesh = o3d.geometry.TriangleMesh.create_box(dims["sx"], dims["sy"], dims["sz"])
         mesh = _finish(np.asarray(mesh.vertices), np.asarray(mesh.triangles))
     elif kind == "plate":
-        mesh = o3d.geometry.TriangleMesh.create_box(dims["sx"], dims["sy"], dims["thickness"])
-        mesh = _finish(np.asarray(mesh.vertices), np.asarray(mesh.triangles))
+        nx, ny, holes = int(dims["tiles_x"]), int(dims["tiles_y"]), int(dims.get("holes", 0))
+        cells = [(i, j) for i in range(nx) for j in range(ny)]
+        # holes in a fixed spread of tiles: every other tile, corners first
+        order = sorted(cells, key=lambda c: ((c[0] + c[1]) % 2, -abs(c[0] - (nx - 1) / 2) - abs(c[1] - (ny - 1) / 2)))
+        mesh = holed_plate(nx, ny, dims["tile"], dims["thickness"], dims.get("hole_radius", dims["tile"] / 4), order[:holes])
     elif kind == "l_profile":
         a, b, t = dims["leg_a"], dims["leg_b"], dims["thickness"]
         mesh = extrude_polygon([(0, 0), (a, 0), (a, t), (t, t), (t, b), (0, b)], dims["length"])
@@ -173,7 +230,9 @@ def _random_dims(kind: str, rng: np.random.Generator) -> dict:
     if kind == "box":
         return {"sx": u(0.02, 0.07), "sy": u(0.02, 0.07), "sz": u(0.02, 0.12)}
     if kind == "plate":
-        return {"sx": u(0.05, 0.15), "sy": u(0.04, 0.12), "thickness": u(0.003, 0.012)}
+        tile = u(0.02, 0.035)
+        nx, ny = int(rng.integers(2, 5)), int(rng.integers(1, 4))
+        return {"tiles_x": nx, "tiles_y": ny, "tile": tile, "thickness": u(0.003, 0.012), "hole_radius": tile * u(0.15, 0.35), "holes": int(rng.integers(0, (nx * ny + 1) // 2 + 1))}
     if kind == "l_profile":
         return {"leg_a": u(0.02, 0.06), "leg_b": u(0.02, 0.06), "thickness": u(0.003, 0.008), "length": u(0.04, 0.15)}
     if kind == "u_profile":

@@ -19,7 +19,7 @@ from lineside.pointcloud.grasp_labels import (
 )
 from lineside.pointcloud.io import read_point_cloud
 from lineside.pointcloud.preprocess import preprocess_cloud
-from lineside.pointcloud.parts import PART_KINDS, look_at, make_part, random_part, render_partial_view
+from lineside.pointcloud.parts import PART_KINDS, holed_plate, look_at, make_part, random_part, render_partial_view
 
 GRIPPER = ParallelJawGripper(max_width=0.08)
 
@@ -113,6 +113,11 @@ def test_procedural_parts_are_closed_seeded_and_graspable():
     np.testing.assert_allclose(box.get_axis_aligned_bounding_box().get_extent(), [0.03, 0.05, 0.06])
     tube = make_part("tube", inner_radius=0.01, outer_radius=0.015, length=0.05)
     assert tube.get_volume() == pytest.approx(np.pi * (0.015**2 - 0.01**2) * 0.05, rel=0.01)
+    plate = holed_plate(3, 2, 0.03, 0.005, 0.008, [(0, 0), (2, 1)])
+    assert plate.is_watertight()
+    assert plate.get_volume() == pytest.approx(0.09 * 0.06 * 0.005 - 2 * np.pi * 0.008**2 * 0.005, rel=0.01)
+    hits = GraspScene(plate).rays.cast_rays(o3d.core.Tensor(np.array([[0.015, 0.015, 1, 0, 0, -1], [0.045, 0.015, 1, 0, 0, -1]], np.float32)))
+    assert np.isinf(hits["t_hit"].numpy()[0]) and np.isfinite(hits["t_hit"].numpy()[1])  # through the hole; solid tile
     shaft = random_part(1, "shaft")
     g = antipodal_grasps(shaft.mesh, GRIPPER, num_samples=200)
     _check_layout(g)
