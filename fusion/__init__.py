@@ -9,8 +9,10 @@ from lineside.fusion.fusion_transformer import FusionOutput, FusionTransformer
 from lineside.fusion.grading_head import GradingHead
 from lineside.fusion.model import InspectionModel, InspectionOutput
 from lineside.fusion.postprocess import GradePostprocessor, GradePrediction, predict_grades
+from lineside.fusion.text_encoder import FixedTextTokens, TextEncoder
 
 __all__ = [
+    "FixedTextTokens",
     "FusionOutput",
     "FusionTransformer",
     "GradePostprocessor",
@@ -19,5 +21,6 @@ __all__ = [
     "GradingHead",
     "InspectionModel",
     "InspectionOutput",
+    "TextEncoder",
     "predict_grades",
 ]

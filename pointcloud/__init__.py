@@ -1,23 +1,39 @@
-"""lineside.pointcloud: the 3-D side (open3d IO and preprocessing, point encoder, grasp geometry).
+"""lineside.pointcloud: the 3-D side: open3d IO and preprocessing (:mod:`.io`, :mod:`.preprocess`),
+procedural parts and virtual depth views (:mod:`.parts`), antipodal grasp labels and the analytic
+grasp check (:mod:`.grasp_labels`), and the exportable point encoder (:mod:`.point_encoder`).
 
-Not built yet: grasp-point suggestion is planned after the image grading foundation is
-measured on real data. This package never imports ``fusion``, ``export`` or ``vision``.
+Names are imported lazily (PEP 562), so ``lineside.pointcloud.point_encoder`` (pure torch) loads
+on a GPU station without open3d. This package never imports ``fusion``, ``export`` or ``vision``.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
 
-from .io import CameraIntrinsics, PointCloud, PointCloudReadError, depth_to_point_cloud, read_depth_image, read_intrinsics, read_point_cloud, read_rgbd  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ += ["CameraIntrinsics", "PointCloud", "PointCloudReadError", "depth_to_point_cloud", "read_depth_image", "read_intrinsics", "read_point_cloud", "read_rgbd"]
+_EXPORTS = {
+    "io": ["CameraIntrinsics", "PointCloud", "PointCloudReadError", "depth_to_point_cloud", "read_depth_image",
+           "read_intrinsics", "read_point_cloud", "read_rgbd"],
+    "preprocess": ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_normals", "normalize",
+                   "preprocess_cloud", "remove_statistical_outliers", "sample_fixed", "voxel_downsample"],
+    "grasp_labels": ["GRASP_DIM", "GraspScene", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps",
+                     "grasp_frames", "is_grasp_successful", "make_grasps"],
+    "parts": ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "holed_plate", "look_at", "make_part",
+              "random_part", "render_partial_view", "revolve_profile"],
+    "point_encoder": ["PlainPointNet", "PointEncoder"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-from .preprocess import NormalizeTransform, PreprocessedCloud, crop_to_box, estimate_normals, normalize, preprocess_cloud, remove_statistical_outliers, sample_fixed, voxel_downsample  # noqa: E402
+__all__ = sorted(_WHERE)
 
-__all__ += ["NormalizeTransform", "PreprocessedCloud", "crop_to_box", "estimate_normals", "normalize", "preprocess_cloud", "remove_statistical_outliers", "sample_fixed", "voxel_downsample"]
 
-from .grasp_labels import GRASP_DIM, GraspScene, ParallelJawGripper, antipodal_grasps, evaluate_grasps, grasp_frames, is_grasp_successful, make_grasps  # noqa: E402
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ += ["GRASP_DIM", "GraspScene", "ParallelJawGripper", "antipodal_grasps", "evaluate_grasps", "grasp_frames", "is_grasp_successful", "make_grasps"]
 
-from .parts import PART_KINDS, Part, PartialView, extrude_polygon, holed_plate, look_at, make_part, random_part, render_partial_view, revolve_profile  # noqa: E402
-
-__all__ += ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "holed_plate", "look_at", "make_part", "random_part", "render_partial_view", "revolve_profile"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
