@@ -19,11 +19,13 @@ class FusionOutput(NamedTuple):
         queries: (B, Q, D) task-query outputs (query 0 = grading).
         tokens: (B, L, D) fused modality tokens (all modalities concatenated in name order).
         padding_mask: (B, L) bool, True where a token is padding.
+        spans: modality name → (start, end) of its tokens inside ``tokens`` (present modalities only).
     """
 
     queries: Tensor
     tokens: Tensor
     padding_mask: Tensor
+    spans: dict = {}
 
 
 class FusionTransformer(nn.Module):
@@ -75,13 +77,15 @@ class FusionTransformer(nn.Module):
         unknown = set(inputs) - set(self.modality_names)
         if unknown:
             raise KeyError(f"FusionTransformer has no embedding for modalities {sorted(unknown)}; configured: {self.modality_names}")
-        tokens, masks = [], []
+        tokens, masks, spans, start = [], [], {}, 0
         for name in self.modality_names:
             if name not in inputs:
                 continue
             out = inputs[name]
             tokens.append(out.tokens + self.modality_embed[name] + self.position_embed[name](out.positions))
             masks.append(out.padding_mask)
+            spans[name] = (start, start + int(out.tokens.shape[1]))
+            start = spans[name][1]
         if not tokens:
             raise ValueError("FusionTransformer got no modality inputs")
         x = torch.cat(tokens, dim=1)
@@ -90,4 +94,4 @@ class FusionTransformer(nn.Module):
         seq = torch.cat([self.queries.unsqueeze(0).expand(b, -1, -1), x], dim=1)
         full_mask = torch.cat([torch.zeros(b, q, dtype=torch.bool, device=mask.device), mask], dim=1)
         y = self.norm(self.encoder(seq, src_key_padding_mask=full_mask))
-        return FusionOutput(y[:, :q], y[:, q:], mask)
+        return FusionOutput(y[:, :q], y[:, q:], mask, spans)

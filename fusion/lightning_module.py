@@ -153,9 +153,10 @@ class InspectionModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        backbone = list(self.model.image_encoder.backbone.parameters())
+        encoder = getattr(self.model, "image_encoder", None)
+        backbone = [p for p in encoder.backbone.parameters() if p.requires_grad] if encoder is not None else []
         ids = {id(p) for p in backbone}
-        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        rest = [p for p in self.model.parameters() if id(p) not in ids and p.requires_grad]
         optimizer = self.optimizer_factory(
             [{"params": rest, "name": "head"}, {"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale}]
         )

@@ -1,56 +1,134 @@
-"""InspectionModel: the pure ``nn.Module`` (encoders → fusion → heads). No optimizers, no logging."""
+"""InspectionModel: the pure ``nn.Module`` (encoders → fusion → heads). No optimizers, no logging.
+
+Modalities and heads are siblings, each optional: the model holds the encoders and heads it was
+configured with, encodes the modalities a batch carries, fuses them in one transformer and runs
+every head whose modality is present. A task whose head is absent (or whose modality is missing
+from the batch) is ``None`` in :class:`InspectionOutput`.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from lineside.fusion.fusion_transformer import FusionTransformer
 from lineside.fusion.grading_head import GradingHead
-from lineside.vision.image_encoder import ImageEncoder
 
 __all__ = ["InspectionOutput", "InspectionModel"]
 
 
 class InspectionOutput(NamedTuple):
-    """Raw model outputs.
+    """Raw model outputs, one field per task (``None`` when the task's head or modality is absent).
 
     Attributes:
         grade_logits: (B, K) severity grade logits.
+        localization: the localization head's raw output (per-class centre heatmaps, sizes,
+            offsets, defect heatmap), when configured and images are given.
+        grasp: the grasp head's raw output (per point token), when configured and points are given.
     """
 
-    grade_logits: Tensor
+    grade_logits: Tensor | None = None
+    localization: Any = None
+    grasp: Any = None
 
 
 class InspectionModel(nn.Module):
-    """Image encoder + fusion transformer + grading head.
+    """Encoders (image, points, text) + fusion transformer + task heads (grading, localization, grasp).
 
     Args:
-        image_encoder: turns images into tokens.
+        image_encoder: images → tokens (:class:`vision.image_encoder.ImageEncoder`); modality ``"image"``.
         fusion: fuses the tokens of all modalities with the task queries.
-        grading_head: severity grade logits.
+        grading_head: severity grade logits from the fused sequence.
+        point_encoder: padded point clouds → tokens (:class:`pointcloud.point_encoder.PointEncoder`);
+            modality ``"points"``.
+        text_encoder: texts → tokens (:class:`fusion.text_encoder.TextEncoder`); modality ``"text"``.
+        localization_head: dense defect localization on the fused image tokens; called as
+            ``head(fused, encoded["image"])``.
+        grasp_head: grasp suggestion on the fused point tokens; called as ``head(fused, encoded["points"])``.
 
     Shapes:
-        forward: image (B, C, H, W) uint8/float in 0..255 → :class:`InspectionOutput`.
+        forward: image (B, C, H, W) uint8/float in 0..255, points (B, P, 3) float32 with
+        point_mask (B, P) bool (and optional point_features (B, P, F)), text: list of B strings
+        (or None) → :class:`InspectionOutput`.
     """
 
-    def __init__(self, image_encoder: ImageEncoder, fusion: FusionTransformer, grading_head: GradingHead) -> None:
+    def __init__(
+        self,
+        image_encoder: nn.Module | None = None,
+        fusion: FusionTransformer | None = None,
+        grading_head: GradingHead | None = None,
+        point_encoder: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        localization_head: nn.Module | None = None,
+        grasp_head: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        if image_encoder.embed_dim != fusion.embed_dim:
-            raise ValueError(f"image_encoder.embed_dim={image_encoder.embed_dim} != fusion.embed_dim={fusion.embed_dim}")
+        if fusion is None:
+            raise ValueError("InspectionModel needs a fusion transformer")
+        encoders = {"image": image_encoder, "points": point_encoder, "text": text_encoder}
+        if not any(e is not None for e in encoders.values()):
+            raise ValueError("InspectionModel needs at least one encoder (image_encoder, point_encoder or text_encoder)")
+        for name, enc in encoders.items():
+            if enc is None:
+                continue
+            if enc.embed_dim != fusion.embed_dim:
+                raise ValueError(f"{name} encoder embed_dim={enc.embed_dim} != fusion.embed_dim={fusion.embed_dim}")
+            if name not in fusion.modality_names:
+                raise ValueError(f"the fusion transformer has no {name!r} modality; add it to fusion.init_args.modalities "
+                                 f"(configured: {fusion.modality_names})")
+        if localization_head is not None and image_encoder is None:
+            raise ValueError("a localization head needs an image encoder")
+        if grasp_head is not None and point_encoder is None:
+            raise ValueError("a grasp head needs a point encoder")
         self.image_encoder = image_encoder
+        self.point_encoder = point_encoder
+        self.text_encoder = text_encoder
         self.fusion = fusion
         self.grading_head = grading_head
+        self.localization_head = localization_head
+        self.grasp_head = grasp_head
 
     @property
     def num_grades(self) -> int:
-        return self.grading_head.num_grades
+        return self.grading_head.num_grades if self.grading_head is not None else 0
 
     @property
     def in_chans(self) -> int:
-        return self.image_encoder.in_chans
+        return self.image_encoder.in_chans if self.image_encoder is not None else 0
 
-    def forward(self, image: Tensor) -> InspectionOutput:
-        fused = self.fusion({"image": self.image_encoder(image)})
-        return InspectionOutput(self.grading_head(fused))
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this model has heads for."""
+        heads = {"grading": self.grading_head, "localization": self.localization_head, "grasp": self.grasp_head}
+        return [t for t, h in heads.items() if h is not None]
+
+    def encode(self, image: Tensor | None = None, points: Tensor | None = None, point_mask: Tensor | None = None,
+               point_features: Tensor | None = None, text: Any = None) -> dict:
+        """Encoder outputs of the modalities given (name → ``EncoderOutput``)."""
+        encoded = {}
+        if image is not None:
+            if self.image_encoder is None:
+                raise ValueError("images were given but the model has no image encoder")
+            encoded["image"] = self.image_encoder(image)
+        if points is not None:
+            if self.point_encoder is None:
+                raise ValueError("points were given but the model has no point encoder")
+            if point_mask is None:
+                raise ValueError("points need a point_mask (B, P) bool, True for real points")
+            encoded["points"] = self.point_encoder(points, point_mask, point_features) if point_features is not None \
+                else self.point_encoder(points, point_mask)
+        if text is not None and self.text_encoder is not None:
+            encoded["text"] = self.text_encoder(text)
+        if not encoded:
+            raise ValueError("no modality given: pass image, points (with point_mask) or text")
+        return encoded
+
+    def forward(self, image: Tensor | None = None, points: Tensor | None = None, point_mask: Tensor | None = None,
+                point_features: Tensor | None = None, text: Any = None) -> InspectionOutput:
+        encoded = self.encode(image, points, point_mask, point_features, text)
+        fused = self.fusion(encoded)
+        grade = self.grading_head(fused) if self.grading_head is not None else None
+        loc = self.localization_head(fused, encoded["image"]) if self.localization_head is not None and "image" in encoded else None
+        grasp = self.grasp_head(fused, encoded["points"]) if self.grasp_head is not None and "points" in encoded else None
+        return InspectionOutput(grade, loc, grasp)

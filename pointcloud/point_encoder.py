@@ -35,11 +35,13 @@ class EncoderOutput(NamedTuple):
         tokens: (B, L, D) float features.
         positions: (B, L, 3) token positions: group centres in metres (sensor frame).
         padding_mask: (B, L) bool, True where a token is padding.
+        levels: grid sizes of image feature levels; always empty for points.
     """
 
     tokens: Tensor
     positions: Tensor
     padding_mask: Tensor
+    levels: tuple = ()
 
 
 def _gather_points(x: Tensor, idx: Tensor) -> Tensor:

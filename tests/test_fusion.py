@@ -67,3 +67,76 @@ def test_criterion_weights_ignore_missing_labels_and_order():
     assert torch.isfinite(mixed["loss"]) and mixed["loss"] > 0
     with pytest.raises(ValueError, match="unknown losses"):
         GradingCriterion(weight_dict={"loss_box": 1.0})
+
+
+def _multimodal(with_text=False):
+    from lineside.fusion import FusionTransformer, GradingHead, InspectionModel
+    from lineside.pointcloud.point_encoder import PointEncoder
+    from lineside.vision import ImageEncoder
+
+    mods = {"image": 2, "points": 3} | ({"text": 1} if with_text else {})
+    text = None
+    if with_text:
+        from lineside.fusion import TextEncoder
+
+        text = TextEncoder(embed_dim=32)
+    return InspectionModel(
+        image_encoder=ImageEncoder("test_efficientnet", embed_dim=32, in_chans=1, feature_levels=[-2, -1], pretrained=False),
+        fusion=FusionTransformer(embed_dim=32, depth=1, num_heads=2, dropout=0.0, modalities=mods),
+        grading_head=GradingHead(32, 4),
+        point_encoder=PointEncoder(embed_dim=32, num_groups=(16,), group_sizes=(8,), widths=((16, 32),), local_scales=(0.1,)),
+        text_encoder=text,
+    ).eval()
+
+
+def test_modalities_are_optional_and_spans_locate_their_tokens():
+    import torch
+
+    model = _multimodal()
+    image = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    points = torch.randn(2, 128, 3) * 0.05
+    mask = torch.ones(2, 128, dtype=torch.bool)
+    mask[1, 64:] = False
+    enc = model.encode(image, points, mask)
+    assert enc["image"].levels == ((4, 4), (2, 2))  # stride 16 and 32 grids of a 64 px image, in token order
+    fused = model.fusion(enc)
+    assert fused.spans == {"image": (0, 20), "points": (20, 36)}
+    assert fused.tokens.shape == (2, 36, 32)
+    both = model(image, points, mask)
+    only_image = model(image)
+    only_points = model(points=points, point_mask=mask)
+    for out in (both, only_image, only_points):
+        assert out.grade_logits.shape == (2, 4) and torch.isfinite(out.grade_logits).all()
+        assert out.localization is None and out.grasp is None
+    assert not torch.allclose(both.grade_logits, only_image.grade_logits), "the point tokens take part in the fusion"
+    import pytest
+
+    with pytest.raises(ValueError, match="point_mask"):
+        model(points=points)
+    with pytest.raises(ValueError, match="no modality given"):
+        model()
+
+
+def test_absent_text_equals_no_text_modality():
+    import torch
+
+    model = _multimodal(with_text=True)
+    image = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        no_text = model(image).grade_logits
+        empty = model(image, text=["", None]).grade_logits
+        real = model(image, text=["monocrystalline", "polycrystalline"]).grade_logits
+    torch.testing.assert_close(no_text, empty, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(real, no_text)
+
+
+def test_model_configuration_errors_are_clear():
+    import pytest
+
+    from lineside.fusion import FusionTransformer, GradingHead, InspectionModel
+    from lineside.pointcloud.point_encoder import PointEncoder
+
+    with pytest.raises(ValueError, match="no 'points' modality"):
+        InspectionModel(point_encoder=PointEncoder(embed_dim=32), fusion=FusionTransformer(embed_dim=32), grading_head=GradingHead(32, 2))
+    with pytest.raises(ValueError, match="at least one encoder"):
+        InspectionModel(fusion=FusionTransformer(embed_dim=32), grading_head=GradingHead(32, 2))

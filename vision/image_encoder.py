@@ -32,11 +32,15 @@ class EncoderOutput(NamedTuple):
         tokens: (B, L, D) float features.
         positions: (B, L, P) token positions (P = 2 for images: (y, x) in [0, 1]).
         padding_mask: (B, L) bool, True where a token is padding.
+        levels: for image tokens, the (h, w) grid of each feature level in token order (the
+            first h·w tokens are level 0 …), so dense heads can fold tokens back into maps;
+            empty for modalities without a grid.
     """
 
     tokens: Tensor
     positions: Tensor
     padding_mask: Tensor
+    levels: tuple = ()
 
 
 class ImageEncoder(nn.Module):
@@ -181,10 +185,11 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: Tensor) -> EncoderOutput:
         feats = self.backbone(self.normalize(images))
-        tokens, positions = [], []
+        tokens, positions, grids = [], [], []
         for i, (f, proj) in enumerate(zip(feats, self.proj)):
             t = proj(f)  # (B, D, h, w)
             b, _, h, w = t.shape
+            grids.append((int(h), int(w)))
             tokens.append(t.flatten(2).transpose(1, 2) + self.level_embed[i])
             ys = (torch.arange(h, device=t.device, dtype=t.dtype) + 0.5) / h
             xs = (torch.arange(w, device=t.device, dtype=t.dtype) + 0.5) / w
@@ -193,4 +198,4 @@ class ImageEncoder(nn.Module):
         tokens_t = torch.cat(tokens, dim=1)
         positions_t = torch.cat(positions, dim=1)
         padding = torch.zeros(tokens_t.shape[:2], dtype=torch.bool, device=tokens_t.device)
-        return EncoderOutput(tokens_t, positions_t, padding)
+        return EncoderOutput(tokens_t, positions_t, padding, tuple(grids))
