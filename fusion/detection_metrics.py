@@ -1,0 +1,156 @@
+"""Detection metrics on decoded boxes and defect heatmaps (torchmetrics underneath).
+
+- :class:`BoxMeanAP`: COCO mAP@0.5, mAP@0.5:0.95 and per-class AP of decoded top-K boxes
+  (:class:`lineside.fusion.box_decoder.BoxDecoder` outputs) against padded batch targets, via
+  torchmetrics ``MeanAveragePrecision`` (backend ``faster_coco_eval`` or ``pycocotools``,
+  whichever is installed);
+- :class:`PixelAUROC`: pixel-level AUROC of the defect heatmap against masks (torchmetrics
+  ``BinaryAUROC`` on a seeded subsample of the pixels of samples that have a mask).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.detection import MeanAveragePrecision
+
+__all__ = ["BoxMeanAP", "PixelAUROC", "coco_backend"]
+
+
+def coco_backend() -> str:
+    """``"faster_coco_eval"`` or ``"pycocotools"`` (the first installed); an error naming both otherwise."""
+    for name, module in (("faster_coco_eval", "faster_coco_eval"), ("pycocotools", "pycocotools")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    raise ModuleNotFoundError("box mAP needs a COCO evaluation backend: pip install faster-coco-eval (or pycocotools)")
+
+
+class BoxMeanAP(nn.Module):
+    """COCO box mAP of decoded detections against padded targets.
+
+    Args:
+        class_names: names of the C defect classes (keys of the per-class results).
+        score_threshold: predictions scoring below it are ignored (0 keeps all K).
+        max_detections: COCO's max detections per image (≥ the decoder's K keeps them all).
+        backend: ``"faster_coco_eval"`` / ``"pycocotools"``; default the installed one.
+
+    Shapes:
+        update: boxes (N, K, 4) xyxy, box_scores (N, K), box_labels (N, K) from the decoder;
+        target_boxes (N, M, 4) xyxy in the same pixels, target_labels (N, M), target_box_mask
+        (N, M) bool (padding False). Samples in ``keep`` (N,) bool only, when given.
+        compute: → dict with ``map_50``, ``map`` (0.5:0.95), ``map_75``, ``mar_100`` (floats) and
+        ``ap_50/<class>``, ``ap/<class>`` for each class present in predictions or targets
+        (-1 where a class has no targets).
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        score_threshold: float = 0.0,
+        max_detections: int = 100,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.score_threshold = score_threshold
+        self.metric = MeanAveragePrecision(
+            box_format="xyxy",
+            iou_type="bbox",
+            max_detection_thresholds=[1, 10, max_detections],
+            class_metrics=True,
+            extended_summary=True,
+            backend=backend or coco_backend(),
+        )
+        self.max_detections = max_detections
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    @torch.no_grad()
+    def update(
+        self,
+        boxes: Tensor,
+        box_scores: Tensor,
+        box_labels: Tensor,
+        target_boxes: Tensor,
+        target_labels: Tensor,
+        target_box_mask: Tensor,
+        keep: Tensor | None = None,
+    ) -> None:
+        preds, targets = [], []
+        for i in range(boxes.shape[0]):
+            if keep is not None and not bool(keep[i]):
+                continue
+            sel = box_scores[i] >= self.score_threshold
+            preds.append({"boxes": boxes[i][sel].float().cpu(), "scores": box_scores[i][sel].float().cpu(), "labels": box_labels[i][sel].long().cpu()})
+            real = target_box_mask[i].bool() & (target_labels[i] >= 0)
+            targets.append({"boxes": target_boxes[i][real].float().cpu(), "labels": target_labels[i][real].long().cpu()})
+        if preds:
+            self.metric.update(preds, targets)
+
+    def compute(self) -> dict[str, float]:
+        r = self.metric.compute()
+        out = {k: float(r[k]) for k in ("map_50", "map", "map_75", f"mar_{self.max_detections}")}
+        classes = r["classes"].reshape(-1).tolist()
+        per_class = r["map_per_class"].reshape(-1).tolist()
+        precision = r["precision"]  # (T, R, K, A, M): IoU 0.5 is T=0, area "all" is A=0, most detections is M=-1
+        for j, c in enumerate(classes):
+            name = self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+            p = precision[0, :, j, 0, -1]
+            out[f"ap_50/{name}"] = float(p[p > -1].mean()) if bool((p > -1).any()) else -1.0
+            out[f"ap/{name}"] = float(per_class[j]) if j < len(per_class) else -1.0
+        return out
+
+
+class PixelAUROC(nn.Module):
+    """Pixel AUROC of defect heatmaps against masks, on a seeded random subsample of pixels.
+
+    The heatmap is resized (bilinear) to the mask size; only samples with ``has_mask`` count.
+
+    Args:
+        max_pixels: pixels kept per :meth:`update` call (uniform without replacement).
+        thresholds: passed to ``BinaryAUROC`` (``None`` = exact; an int = binned, constant memory).
+        seed: subsampling seed (repeatable validation numbers).
+
+    Shapes:
+        update: heatmap (B, 1, h, w) probabilities (or logits with ``logits=True``), mask (B, H, W)
+        0/1, has_mask (B,) bool (default all). compute: → float (nan without both classes).
+    """
+
+    def __init__(self, max_pixels: int = 100_000, thresholds: int | None = 200, seed: int = 0) -> None:
+        super().__init__()
+        self.max_pixels = max_pixels
+        self.auroc = BinaryAUROC(thresholds=thresholds)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._seen_pos = False
+        self._seen_neg = False
+
+    def reset(self) -> None:
+        self.auroc.reset()
+        self._seen_pos = self._seen_neg = False
+
+    @torch.no_grad()
+    def update(self, heatmap: Tensor, mask: Tensor, has_mask: Tensor | None = None, logits: bool = False) -> None:
+        if has_mask is not None:
+            heatmap, mask = heatmap[has_mask.bool()], mask[has_mask.bool()]
+        if heatmap.shape[0] == 0:
+            return
+        prob = heatmap.float().sigmoid() if logits else heatmap.float()
+        prob = F.interpolate(prob, size=mask.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1).flatten().cpu()
+        target = (mask > 0).flatten().long().cpu()
+        if prob.numel() > self.max_pixels:
+            idx = torch.randperm(prob.numel(), generator=self.generator)[: self.max_pixels]
+            prob, target = prob[idx], target[idx]
+        self._seen_pos |= bool(target.any())
+        self._seen_neg |= bool((target == 0).any())
+        self.auroc.update(prob, target)
+
+    def compute(self) -> float:
+        if not (self._seen_pos and self._seen_neg):
+            return float("nan")
+        return float(self.auroc.compute())

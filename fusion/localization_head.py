@@ -1,0 +1,116 @@
+"""LocalizationHead: CenterNet-style dense defect localization on the fused image tokens.
+
+The head reads the fused tokens of one image feature level back into a (B, D, h, w) map and
+predicts, per cell, a centre heatmap per class, the box size, the sub-cell offset of the box
+centre and a class-agnostic defect heatmap. It returns raw outputs only; targets and losses live
+in :mod:`lineside.fusion.localization_criterion`, decoding in :mod:`lineside.fusion.box_decoder`.
+
+Conventions shared by head, criterion and decoder (``s`` = the level's stride in model-input
+pixels, boxes xyxy pixel-edge coordinates):
+
+- cell ``(i, j)`` covers pixels ``[j·s, (j+1)·s) × [i·s, (i+1)·s)``;
+- a box with centre ``(cx, cy)`` sits in cell ``(⌊cy/s⌋, ⌊cx/s⌋)`` with offset
+  ``(cx/s − ⌊cx/s⌋, cy/s − ⌊cy/s⌋)`` in ``[0, 1)``;
+- ``size`` is ``(log w, log h)`` of the box in model-input pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from lineside.fusion.fusion_transformer import FusionOutput
+
+__all__ = ["LocalizationOutput", "LocalizationHead", "HEATMAP_PRIOR_BIAS"]
+
+HEATMAP_PRIOR_BIAS = -2.19  # CenterNet: sigmoid(-2.19) ≈ 0.1, so the focal loss starts stable
+
+
+class LocalizationOutput(NamedTuple):
+    """Raw localization outputs on an (h, w) grid of one image feature level.
+
+    Attributes:
+        heatmap: (B, C, h, w) per-class centre heatmap logits.
+        size: (B, 2, h, w) ``(log w, log h)`` of the box centred in each cell, model-input pixels.
+        offset: (B, 2, h, w) ``(dx, dy)`` sub-cell offset of the centre, in cells (target in [0, 1)).
+        defect: (B, 1, h, w) class-agnostic defect heatmap logits (trained on masks, else boxes).
+    """
+
+    heatmap: Tensor
+    size: Tensor
+    offset: Tensor
+    defect: Tensor
+
+
+def _branch(hidden: int, out: int, bias: float = 0.0) -> nn.Sequential:
+    last = nn.Conv2d(hidden, out, kernel_size=1)
+    nn.init.normal_(last.weight, std=0.01)
+    nn.init.constant_(last.bias, bias)
+    return nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
+
+
+class LocalizationHead(nn.Module):
+    """Fused image tokens of one level → a conv tower → heatmap / size / offset / defect maps.
+
+    Args:
+        embed_dim: D of the fusion transformer.
+        num_classes: defect classes C.
+        level_index: which configured image feature level (index into ``EncoderOutput.levels``,
+            ordered finest first, as ``ImageEncoder.strides``); 0 = the finest. Stride 8 or 16 suits
+            small defects.
+        hidden: channels of the conv tower (default ``embed_dim``).
+        num_convs: 3×3 conv + GroupNorm + GELU blocks in the shared tower.
+        size_prior: box side (model-input pixels) the size branch starts at.
+
+    Shapes:
+        forward: :class:`FusionOutput` (tokens (B, L, D), ``spans["image"] = (start, end)``) and the
+        image :class:`EncoderOutput` (``levels`` = ((h, w), …)) → :class:`LocalizationOutput` with
+        heatmap (B, C, h, w), size (B, 2, h, w), offset (B, 2, h, w), defect (B, 1, h, w), where
+        (h, w) = ``levels[level_index]``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        num_classes: int = 6,
+        level_index: int = 0,
+        hidden: int | None = None,
+        num_convs: int = 2,
+        size_prior: float = 32.0,
+    ) -> None:
+        super().__init__()
+        hidden = hidden or embed_dim
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.level_index = level_index
+        layers: list[nn.Module] = []
+        c = embed_dim
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.GroupNorm(math.gcd(32, hidden), hidden), nn.GELU()]
+            c = hidden
+        self.tower = nn.Sequential(*layers)
+        self.heatmap = _branch(c, num_classes, HEATMAP_PRIOR_BIAS)
+        self.size = _branch(c, 2, math.log(size_prior))
+        self.offset = _branch(c, 2, 0.5)
+        self.defect = _branch(c, 1, HEATMAP_PRIOR_BIAS)
+
+    def level_tokens(self, fused: FusionOutput, image) -> tuple[Tensor, int, int]:
+        """The fused tokens of ``level_index``: ((B, h·w, D), h, w)."""
+        start, end = fused.spans["image"]
+        levels = tuple(tuple(int(v) for v in lvl) for lvl in image.levels)
+        if sum(h * w for h, w in levels) != end - start:
+            raise ValueError(f"image span {start}:{end} holds {end - start} tokens, levels {levels} give {sum(h * w for h, w in levels)}")
+        if not -len(levels) <= self.level_index < len(levels):
+            raise IndexError(f"level_index {self.level_index} out of range for {len(levels)} image feature levels")
+        li = self.level_index % len(levels)
+        first = start + sum(h * w for h, w in levels[:li])
+        h, w = levels[li]
+        return fused.tokens[:, first : first + h * w], h, w
+
+    def forward(self, fused: FusionOutput, image) -> LocalizationOutput:
+        tokens, h, w = self.level_tokens(fused, image)
+        x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        x = self.tower(x)
+        return LocalizationOutput(self.heatmap(x), self.size(x), self.offset(x), self.defect(x))
