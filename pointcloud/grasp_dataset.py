@@ -44,7 +44,8 @@ Samples are cached as ``cache_dir/<key>/<index>.npz`` where ``key`` hashes the d
 
 Also here, for evaluation without the model stack (this package never imports ``fusion``):
 :func:`evaluate_topk` (analytic success of decoded grasps on the meshes) and
-:func:`analytic_grasp_baseline` (antipodal pairs on the observed cloud ranked by geometry).
+:func:`analytic_grasp_baseline` (antipodal pairs on the observed cloud ranked by geometry) and
+:func:`slab_grasp_baseline` (top-down grasps across the narrowest local extent).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ __all__ = [
     "collate",
     "evaluate_topk",
     "load_mesh",
+    "slab_grasp_baseline",
     "visible_grasps",
 ]
 
@@ -441,6 +443,78 @@ def analytic_grasp_baseline(
         if np.linalg.norm(a) < 1e-6:
             continue
         cands.append((s[j], centre, a / np.linalg.norm(a), c[j], w[j]))
+    if not cands:
+        return np.zeros((0, GRASP_DIM), np.float32)
+    cands.sort(key=lambda t: -t[0])
+    chosen = []
+    for cand in cands:
+        if all(np.linalg.norm(cand[1] - o[1]) > nms_radius for o in chosen):
+            chosen.append(cand)
+        if len(chosen) == k:
+            break
+    return make_grasps([c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen], [c[4] for c in chosen], [c[0] for c in chosen])
+
+
+def slab_grasp_baseline(
+    points: np.ndarray,
+    normals: np.ndarray,
+    k: int = 5,
+    gripper: ParallelJawGripper = ParallelJawGripper(),
+    num_candidates: int = 300,
+    nms_radius: float = 0.01,
+    rng: np.random.Generator | int | None = 0,
+) -> np.ndarray:
+    """Model-free top-down baseline on an observed (partial) cloud, in the spirit of GPD's heuristics.
+
+    For random observed points ``p`` (unit normal ``n`` toward the camera) the gripper approaches along
+    ``-n``. The observed points in a cylinder of radius ``max_width / 2`` around that axis are
+    projected on the plane ⊥ approach; their minor principal axis is the closing axis. The points in the
+    finger slab (``|y| <= finger_width / 2``) give the width (their extent along closing, + 2 mm) and
+    the depth (half their extent along the approach, clipped to 3 mm .. ``finger_depth - tip_margin``).
+    Score = ``(1 - width / max_width) · |n · camera ray|``; candidates wider than ``max_width`` are
+    dropped. Top ``k`` after greedy NMS (``nms_radius`` m).
+
+    Args:
+        points, normals: (N, 3) observed sensor-frame points (camera at the origin) and unit normals.
+
+    Returns:
+        (k', 11) grasps (k' <= k), sensor frame, best first.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
+    if len(pts) < 8:
+        return np.zeros((0, GRASP_DIM), np.float32)
+    tree = cKDTree(pts)
+    cands = []
+    for i in rng.choice(len(pts), min(num_candidates, len(pts)), replace=False):
+        a = -nrm[i] / max(np.linalg.norm(nrm[i]), 1e-9)
+        nbr = np.asarray(tree.query_ball_point(pts[i], gripper.max_width), np.int64)
+        d = pts[nbr] - pts[i]
+        along = d @ a
+        radial = d - along[:, None] * a
+        inside = np.linalg.norm(radial, axis=1) <= gripper.max_width / 2
+        if inside.sum() < 5:
+            continue
+        r = radial[inside]
+        e1 = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+        e1 /= np.linalg.norm(e1)
+        e2 = np.cross(a, e1)
+        uv = np.c_[r @ e1, r @ e2]
+        _, vecs = np.linalg.eigh(np.cov(uv.T) + 1e-12 * np.eye(2))
+        minor = vecs[:, 0]
+        c = minor[0] * e1 + minor[1] * e2
+        y = np.cross(a, c)
+        slab = np.abs(r @ y) <= gripper.finger_width / 2
+        if slab.sum() < 3:
+            continue
+        xs = r[slab] @ c
+        width = xs.max() - xs.min() + 0.002
+        if width > gripper.max_width:
+            continue
+        depth = np.clip((along[inside][slab].max() - along[inside][slab].min()) / 2, 0.003, gripper.finger_depth - gripper.tip_margin)
+        centre = pts[i] + (xs.max() + xs.min()) / 2 * c + depth * a
+        ray = pts[i] / max(np.linalg.norm(pts[i]), 1e-9)
+        cands.append(((1 - width / gripper.max_width) * abs(a @ ray), centre, a, c, width))
     if not cands:
         return np.zeros((0, GRASP_DIM), np.float32)
     cands.sort(key=lambda t: -t[0])
