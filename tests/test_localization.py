@@ -3,51 +3,22 @@ detection metrics, and a tiny encoder + fusion + head overfitting a few NEU-DET 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
-from typing import NamedTuple
-
 import numpy as np
 import pytest
 import torch
 
 from lineside.fusion.box_decoder import BoxDecoder
 from lineside.fusion.fusion_transformer import FusionOutput, FusionTransformer
+from lineside.fusion.grading_head import GradingHead
 from lineside.fusion.localization_criterion import LocalizationCriterion
 from lineside.fusion.localization_head import HEATMAP_PRIOR_BIAS, LocalizationHead, LocalizationOutput
+from lineside.fusion.model import InspectionModel
 from lineside.vision.image_encoder import EncoderOutput, ImageEncoder
 
 D, C = 32, 3
-
-
-class _Image(NamedTuple):  # EncoderOutput with ``levels``, until the encoder reports them itself
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    padding_mask: torch.Tensor
-    levels: tuple
-
-
-class _Fused(NamedTuple):  # FusionOutput with ``spans``, until the fusion transformer reports them itself
-    queries: torch.Tensor
-    tokens: torch.Tensor
-    padding_mask: torch.Tensor
-    spans: dict
-
-
-def encode(encoder: ImageEncoder, images: torch.Tensor):
-    out = encoder(images)
-    if "levels" in EncoderOutput._fields:
-        return out
-    h, w = images.shape[-2:]
-    levels = tuple((math.ceil(h / s), math.ceil(w / s)) for s in encoder.strides)
-    return _Image(*out, levels)
-
-
-def fuse(fusion: FusionTransformer, image) -> tuple:
-    fused = fusion({"image": image})
-    if "spans" in FusionOutput._fields:
-        return fused
-    return _Fused(*fused, {"image": (0, fused.tokens.shape[1])})
 
 
 def synthetic_fused(b: int = 2, levels=((8, 8), (4, 4)), extra_before: int = 5, extra_after: int = 7):
@@ -59,9 +30,9 @@ def synthetic_fused(b: int = 2, levels=((8, 8), (4, 4)), extra_before: int = 5, 
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     tokens[:, extra_before : extra_before + h * w, 0] = ys.flatten().float()
     tokens[:, extra_before : extra_before + h * w, 1] = xs.flatten().float()
-    fused = _Fused(torch.randn(b, 1, D), tokens, torch.zeros(b, tokens.shape[1], dtype=torch.bool),
+    fused = FusionOutput(torch.randn(b, 1, D), tokens, torch.zeros(b, tokens.shape[1], dtype=torch.bool),
                    {"image": (extra_before, extra_before + n_img), "text": (extra_before + n_img, tokens.shape[1])})
-    image = _Image(torch.zeros(b, n_img, D), torch.zeros(b, n_img, 2), torch.zeros(b, n_img, dtype=torch.bool), tuple(levels))
+    image = EncoderOutput(torch.zeros(b, n_img, D), torch.zeros(b, n_img, 2), torch.zeros(b, n_img, dtype=torch.bool), tuple(levels))
     return fused, image
 
 
@@ -262,8 +233,12 @@ def test_decoder_onnx_matches_eager(tmp_path) -> None:
 
 
 def test_box_map_perfect_and_pixel_auroc() -> None:
-    pytest.importorskip("faster_coco_eval", reason="box mAP needs faster-coco-eval (or pycocotools)")
-    from lineside.fusion.detection_metrics import BoxMeanAP, PixelAUROC
+    from lineside.fusion.detection_metrics import BoxMeanAP, PixelAUROC, coco_backend
+
+    try:
+        coco_backend()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
 
     targets = batch_targets()
     metric = BoxMeanAP(["a", "b", "c"])
@@ -294,10 +269,59 @@ def test_box_map_perfect_and_pixel_auroc() -> None:
     assert auroc.compute() == pytest.approx(0.0)
 
 
+# --------------------------------------------------------------------------- the whole model
+
+
+def tiny_model(num_classes: int = C, in_chans: int = 1) -> InspectionModel:
+    encoder = ImageEncoder(backbone="test_efficientnet", pretrained=False, feature_levels=[-2, -1], embed_dim=32, in_chans=in_chans)
+    fusion = FusionTransformer(embed_dim=32, depth=1, dropout=0.0)
+    return InspectionModel(encoder, fusion, GradingHead(32, 4), localization_head=LocalizationHead(32, num_classes, level_index=0))
+
+
+class _ImageToBoxes(torch.nn.Module):
+    def __init__(self, model: InspectionModel, decoder: BoxDecoder) -> None:
+        super().__init__()
+        self.model, self.decoder = model, decoder
+
+    def forward(self, image):
+        return self.decoder(self.model(image).localization)
+
+
+def test_model_with_head_exports_image_to_boxes(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from lineside.export.trt_ops import unsupported_ops
+
+    torch.manual_seed(4)
+    model = tiny_model().eval()
+    image = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    out = model(image)
+    assert out.grade_logits.shape == (2, 4) and out.localization.heatmap.shape == (2, C, 4, 4)  # stride 16 on 64 px
+    stride = model.image_encoder.strides[model.localization_head.level_index]
+    decoder = BoxDecoder(stride, train_size=(64, 64), top_k=8)
+    module = _ImageToBoxes(model, decoder).eval()
+    path = tmp_path / "boxes.onnx"
+    n = torch.export.Dim("N", min=1, max=64)
+    torch.onnx.export(module, (image,), str(path), dynamo=True, opset_version=18, input_names=["image"],
+                      output_names=[s.name for s in decoder.outputs()], dynamic_shapes={"image": {0: n}}, external_data=False)
+    assert unsupported_ops(str(path)) == {}
+    batch = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": batch.numpy()})
+    with torch.inference_mode():
+        want = [x.numpy() for x in module(batch)]
+    for g, w, spec in zip(got, want, decoder.outputs()):
+        assert g.shape == w.shape and g.dtype == np.dtype(spec.dtype), spec.name
+        if spec.kind == "float":
+            np.testing.assert_allclose(g, w, atol=1e-4, err_msg=spec.name)
+    assert (got[2] == want[2]).mean() > 0.9  # labels: near-tied scores may swap places
+
+
 # --------------------------------------------------------------------------- overfitting real images
 
 
+@pytest.mark.slow  # 10-20 s on two CPU cores
+@pytest.mark.needs_shared
 def test_tiny_model_overfits_neu_det(shared_data) -> None:
+    from lineside.fusion.detection_metrics import BoxMeanAP
     from lineside.vision.box_formats import read_neu_det
     from lineside.vision.detection_data import DetectionDataset, build_detection_eval_transform, detection_collate
 
@@ -305,7 +329,7 @@ def test_tiny_model_overfits_neu_det(shared_data) -> None:
     if not root.is_dir():
         pytest.skip(f"{root} is absent")
     records, names = read_neu_det(root)
-    by_class = {}
+    by_class: dict = {}
     for r in records:
         by_class.setdefault(r.image_class, []).append(r)
     picked = [r for rs in by_class.values() for r in rs[:2]][:8]
@@ -313,23 +337,29 @@ def test_tiny_model_overfits_neu_det(shared_data) -> None:
     batch = detection_collate([ds[i] for i in range(len(ds))])
 
     torch.manual_seed(0)
-    encoder = ImageEncoder(backbone="test_efficientnet", pretrained=False, feature_levels=[-2, -1], embed_dim=32, in_chans=1)
-    fusion = FusionTransformer(embed_dim=32, depth=1, dropout=0.0)
-    head = LocalizationHead(32, len(names), level_index=0)
-    crit = LocalizationCriterion(len(names), stride=encoder.strides[0])
-    params = [*encoder.parameters(), *fusion.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3)
+    model = tiny_model(len(names))
+    stride = model.image_encoder.strides[model.localization_head.level_index]
+    crit = LocalizationCriterion(len(names), stride=stride)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     start = time.perf_counter()
-    for _ in range(60):
-        image = encode(encoder, batch["image"])
-        out = head(fuse(fusion, image), image)
+    for _ in range(40):
+        out = model(batch["image"])
         loss = crit(out, batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    assert out.heatmap.shape[-2:] == (128 // encoder.strides[0],) * 2
+    assert out.localization.heatmap.shape[-2:] == (128 // stride,) * 2
     assert all(math.isfinite(v) for v in losses)
     print(f"loss {np.mean(losses[:3]):.3f} -> {np.mean(losses[-5:]):.3f} in {time.perf_counter() - start:.1f} s")
     assert np.mean(losses[-5:]) < 0.4 * np.mean(losses[:3]), (losses[:3], losses[-5:])
+    if importlib.util.find_spec("faster_coco_eval") or importlib.util.find_spec("pycocotools"):
+        model.eval()
+        with torch.inference_mode():
+            boxes, scores, labels, _ = BoxDecoder(stride, (128, 128), top_k=20)(model(batch["image"]).localization)
+        metric = BoxMeanAP(names)
+        metric.update(boxes, scores, labels, batch["boxes"], batch["labels"], batch["box_mask"])
+        r = metric.compute()
+        print({k: round(v, 3) for k, v in r.items() if not k.startswith("ap")})
+        assert r["map_50"] > 0.5  # the training images' own boxes come back from the decoder
