@@ -313,6 +313,7 @@ def test_model_with_head_exports_image_to_boxes(tmp_path) -> None:
         if spec.kind == "float":
             np.testing.assert_allclose(g, w, atol=1e-4, err_msg=spec.name)
     assert (got[2] == want[2]).mean() > 0.9  # labels: near-tied scores may swap places
+    assert [tuple(g.shape[1:]) for g in got] == [tuple(s.shape[1:]) for s in decoder.outputs()]
 
 
 # --------------------------------------------------------------------------- overfitting real images
