@@ -75,6 +75,27 @@ class GradeDecoder(nn.Module):
         return probs, probs.argmax(-1)
 
 
+class FixedTextEncoding(nn.Module):
+    """A prompt encoded once by a text encoder, kept as constants and expanded to the batch.
+
+    Shapes:
+        forward: like (B, …) → ``EncoderOutput`` with tokens (B, L, D), positions (B, L, 1), padding (B, L).
+    """
+
+    def __init__(self, text_encoder: nn.Module, prompt: str) -> None:
+        super().__init__()
+        with torch.no_grad():
+            enc = text_encoder.eval()([prompt])
+        self.register_buffer("tokens", enc.tokens.detach().clone())
+        self.register_buffer("positions", enc.positions.detach().clone())
+        self.register_buffer("padding", enc.padding_mask.detach().clone())
+        self._output_type = type(enc)
+
+    def forward(self, like: Tensor):
+        b = like.shape[0]
+        return self._output_type(self.tokens.expand(b, -1, -1), self.positions.expand(b, -1, -1), self.padding.expand(b, -1))
+
+
 class DeployableModel(nn.Module):
     """uint8 frames in, named decoded outputs out (a tuple in :meth:`output_names` order).
 
@@ -85,6 +106,8 @@ class DeployableModel(nn.Module):
         channels: 1 or 3.
         tta_views: dihedral test-time views folded into the graph (1 = off).
         class_names: grade names.
+        text_prompt: for a model with a text encoder, the prompt baked into the graph as constant
+            token ids (no tokenizer at the station; one graph per prompt). ``""`` = no text.
 
     Shapes:
         forward: image (N, C, H_in, W_in) uint8 → (grade_probs (N, K) float32, grade (N,) int64).
@@ -98,6 +121,7 @@ class DeployableModel(nn.Module):
         channels: int = 1,
         tta_views: int = 1,
         class_names: Sequence[str] | None = None,
+        text_prompt: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -110,6 +134,14 @@ class DeployableModel(nn.Module):
         self.preprocess = FramePreprocessor(self.train_size)
         self.class_names = list(class_names or [str(i) for i in range(model.num_grades)])
         self.grade_decoder = GradeDecoder(model.num_grades, tta_views)
+        text_encoder = getattr(model, "text_encoder", None)
+        self.text_prompt = text_prompt if text_encoder is not None else None
+        self.prompt = None
+        if text_encoder is not None:
+            if hasattr(model, "members"):  # each member has its own projection: bake the tokens
+                self.prompt = text_encoder.fixed_tokens(text_prompt or "")
+            else:  # one model: bake the encoded prompt itself, MiniLM never runs at the station
+                self.prompt = FixedTextEncoding(text_encoder, text_prompt or "")
 
     def input_spec(self) -> TensorSpec:
         h, w = self.input_size
@@ -126,7 +158,10 @@ class DeployableModel(nn.Module):
         x = self.preprocess(image)
         if self.tta_views > 1:
             x = dihedral_views(x, self.tta_views)
-        out = self.model(x)
+        if self.prompt is not None:
+            out = self.model(x, text=self.prompt(x))
+        else:
+            out = self.model(x)
         return self.grade_decoder(out.grade_logits)
 
     @torch.inference_mode()
@@ -156,7 +191,8 @@ def parse_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None
     return (vals[0], vals[1])
 
 
-def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None = None, tta_views: int | None = None) -> DeployableModel:
+def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None = None, tta_views: int | None = None,
+                     text_prompt: str | None = None) -> DeployableModel:
     """The deployable module of a loaded checkpoint (eval mode, on the CPU)."""
     train = (loaded.image_size, loaded.image_size)
     size = parse_size(input_size) if not isinstance(input_size, tuple) else input_size
@@ -167,4 +203,5 @@ def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None
         channels=loaded.channels,
         tta_views=loaded.tta_views if tta_views is None else tta_views,
         class_names=loaded.class_names,
+        text_prompt=text_prompt,
     ).eval()

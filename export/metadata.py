@@ -75,6 +75,7 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
             "frames of another size are resized to input_size on the host with OpenCV INTER_LINEAR",
             "normalisation": norm,
             "tta_views": deployable.tta_views,
+            "text_prompt": getattr(deployable, "text_prompt", None),
         },
         "training_config": getattr(loaded, "training_config", {}) or {"model": getattr(loaded, "config", {})},
         "versions": package_versions(),

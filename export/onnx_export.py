@@ -145,6 +145,7 @@ def export_onnx(
     parity_images: int = 32,
     tta_views: int | None = None,
     simplify: bool = True,
+    text_prompt: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ``out_dir/model.onnx`` + ``metadata.json`` and check parity on real images.
 
@@ -153,10 +154,10 @@ def export_onnx(
     """
     start = time.perf_counter()
     loaded = source if isinstance(source, LoadedModel) else load_inspection_model(source)
-    deployable = build_deployable(loaded, parse_size(input_size) if isinstance(input_size, str) else input_size, tta_views)
+    deployable = build_deployable(loaded, parse_size(input_size) if isinstance(input_size, str) else input_size, tta_views, text_prompt)
     out = Path(out_dir)
     path = onnx_graph(deployable, out / "model.onnx", opset, fp16, simplify)
-    deployable = build_deployable(loaded, deployable.input_size, tta_views)  # fresh fp32 reference (fp16 casts in place)
+    deployable = build_deployable(loaded, deployable.input_size, tta_views, text_prompt)  # fresh fp32 reference (fp16 casts in place)
     bad_ops = unsupported_ops(path)
     precision = "fp16" if fp16 else "fp32"
     meta = build_metadata(
@@ -190,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default=None, help="folder / glob / CSV of your own images for the parity check (default: ELPV cells)")
     ap.add_argument("--parity-images", type=int, default=32)
     ap.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    ap.add_argument("--text", default=None, help="models with a text encoder: the prompt baked into the graph (default: no text)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         r = export_onnx(a.ckpt, a.out, a.input_size, parse_batch_sizes(a.batch_sizes), a.fp16, a.opset, a.calib,
-                        a.parity_images, a.tta, not a.no_simplify)
+                        a.parity_images, a.tta, not a.no_simplify, a.text)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"lineside export onnx: error: {exc}", file=sys.stderr)
         return 1

@@ -205,7 +205,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LINESIDE_CACHE") or Path.home() / ".cache" / "lineside")
 
 
-def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_views: int | None) -> Path:
+def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_views: int | None, text: str | None = None) -> Path:
     """The checkpoint exported once to ONNX (parity-checked on real images), cached by checkpoint hash."""
     from lineside.export.metadata import file_sha256
     from lineside.export.onnx_export import export_onnx
@@ -213,13 +213,17 @@ def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_vi
     size = input_size or (loaded.image_size, loaded.image_size)
     views = loaded.tta_views if tta_views is None else tta_views
     key = f"{file_sha256(loaded.source)[:16]}-{size[0]}x{size[1]}-tta{views}"
+    if text and getattr(loaded.model, "text_encoder", None) is not None:
+        import hashlib
+
+        key += "-text" + hashlib.sha256(text.encode()).hexdigest()[:8]
     folder = _cache_dir() / "onnx" / key
     path = folder / "model.onnx"
     if path.is_file() and (folder / "metadata.json").is_file():
         return path
     log.info("exporting %s to ONNX once (cached in %s) ...", loaded.source, folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    result = export_onnx(loaded, tmp, size, tta_views=views, parity_images=16)
+    result = export_onnx(loaded, tmp, size, tta_views=views, parity_images=16, text_prompt=text)
     if not result.ok:
         raise BackendError(f"ONNX export of {loaded.source} failed its parity check:\n{result.parity.table()}")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +242,7 @@ def open_model(
     device: str = "cpu",
     input_size: str | tuple[int, int] | None = None,
     tta_views: int | None = None,
+    text: str | None = None,
 ) -> Backend:
     """A :class:`export.backends.Backend` for a checkpoint, a loaded model or an exported artefact.
 
@@ -250,18 +255,18 @@ def open_model(
     size = parse_size(input_size) if isinstance(input_size, (str, int)) else input_size
     is_ckpt = isinstance(model, LoadedModel) or str(model).lower().endswith((".ckpt", ".pt"))
     if not is_ckpt:
-        if input_size or tta_views:
-            raise InputError(f"{model}: --input-size and --tta are fixed in an exported artefact; re-export to change them")
+        if input_size or tta_views or text:
+            raise InputError(f"{model}: --input-size, --tta and --text are fixed in an exported artefact; re-export to change them")
         return load_backend(model, None if backend == "auto" else backend, device)
     loaded = model if isinstance(model, LoadedModel) else load_inspection_model(model)
     if backend == "auto" and device == "cpu" and loaded.source:
         try:
-            return load_backend(_cached_onnx(loaded, size, tta_views), "onnxruntime", device)
+            return load_backend(_cached_onnx(loaded, size, tta_views, text), "onnxruntime", device)
         except Exception as exc:  # noqa: BLE001 - any export trouble: the eager model still scores correctly
             log.warning("ONNX Runtime path unavailable (%s); scoring with eager torch", str(exc).splitlines()[0])
     if backend not in ("auto", "torch"):
         raise InputError(f"backend {backend!r} takes an exported artefact; export the checkpoint first (lineside export ...)")
-    return TorchBackend(deployable=build_deployable(loaded, size, tta_views), loaded=loaded, device=device)
+    return TorchBackend(deployable=build_deployable(loaded, size, tta_views, text), loaded=loaded, device=device)
 
 
 def score(
@@ -417,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", help="auto (default: a checkpoint runs as a cached ONNX export in ONNX Runtime on the CPU), "
                     "torch, onnxruntime, aoti, tensorrt")
     ap.add_argument("--input-size", default=None, help="checkpoints: HxW of the frames the model takes (default: the training size)")
+    ap.add_argument("--text", default=None, help="checkpoints with a text encoder: one prompt for every image (cell type, product …)")
     ap.add_argument("--retry-errors", action="store_true", help="on resume, score again the rows that had errors")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
     try:
-        runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta)
+        runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta, a.text)
         if labelled:  # bad labels are reported before any scoring
             labelled = _manifest_labels(Path(a.input), runner.class_names) is not None
         s = score(runner, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress)

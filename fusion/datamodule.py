@@ -51,6 +51,9 @@ class InspectionDataModule(L.LightningDataModule):
             into ``num_folds`` folds (by blocks with ``split="block"``); val = this fold. The
             test split is untouched. ``None`` (default): no cross-validation.
         num_folds: number of cross-validation folds.
+        text: one prompt for every sample of the run (product, cell type, inspection rule …),
+            replacing per-sample texts (ELPV's cell type, a manifest's ``text`` column). Read by
+            models with a text encoder; others ignore texts.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class InspectionDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test"] = "test",
         fold: int | None = None,
         num_folds: int = 5,
+        text: str | None = None,
     ) -> None:
         super().__init__()
         if root and manifest:
@@ -84,6 +88,7 @@ class InspectionDataModule(L.LightningDataModule):
         self.block_size, self.val_fraction, self.test_fraction = block_size, val_fraction, test_fraction
         self.seed, self.limit, self.predict_split = seed, limit, predict_split
         self.fold, self.num_folds = fold, num_folds
+        self.text = text
         self._class_names = class_names
         self.splits: dict[str, list[ImageRecord]] | None = None
 
@@ -148,6 +153,8 @@ class InspectionDataModule(L.LightningDataModule):
         if not records:
             raise ValueError(f"{self.source}: the {split!r} split is empty")
         tf = build_train_transform(self.image_size, self.augment) if train else build_eval_transform(self.image_size)
+        if self.text is not None:
+            records = [ImageRecord(r.path, r.label, r.split, self.text) for r in records]
         return InspectionImageDataset(records, tf, self.channels)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:

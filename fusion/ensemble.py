@@ -56,8 +56,12 @@ class InspectionEnsemble(nn.Module):
     def in_chans(self) -> int:
         return self.members[0].in_chans
 
-    def forward(self, image: Tensor) -> InspectionOutput:
-        logp = torch.stack([m(image).grade_logits.float().log_softmax(-1) for m in self.members])
+    @property
+    def text_encoder(self):
+        return getattr(self.members[0], "text_encoder", None)
+
+    def forward(self, image: Tensor, **inputs) -> InspectionOutput:
+        logp = torch.stack([m(image, **inputs).grade_logits.float().log_softmax(-1) for m in self.members])
         mean = torch.logsumexp(logp, 0) - math.log(len(self.members))
         return InspectionOutput(mean + self.grade_bias)
 

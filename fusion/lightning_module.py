@@ -93,17 +93,22 @@ class InspectionModule(L.LightningModule):
             log.info("class counts %s → weights %s", dm.class_counts, [round(w, 3) for w in self.criterion.class_weights.tolist()])
 
     # -- steps -----------------------------------------------------------------------------
-    def forward(self, image: torch.Tensor):
-        return predict_grades(self.model, image, self.tta_views)
+    def forward(self, image: torch.Tensor, text=None):
+        return predict_grades(self.model, image, self.tta_views, text)
+
+    def _text(self, batch: dict):
+        """Per-sample texts for a model with a text encoder (None otherwise)."""
+        return batch.get("text") if getattr(self.model, "text_encoder", None) is not None else None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.criterion(self.model(batch["image"]), batch)
+        text = self._text(batch)
+        losses = self.criterion(self.model(batch["image"], **({"text": text} if text is not None else {})), batch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["grade"]))
         self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=len(batch["grade"]))
         return losses["loss"]
 
     def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str):
-        pred = predict_grades(self.model, batch["image"], self.tta_views)
+        pred = predict_grades(self.model, batch["image"], self.tta_views, self._text(batch))
         grade = batch["grade"]
         valid = grade >= 0
         if valid.any():
@@ -148,7 +153,7 @@ class InspectionModule(L.LightningModule):
                     w.writerows([[n, *row] for n, row in zip(self.class_names, cm)])
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        pred = predict_grades(self.model, batch["image"], self.tta_views)
+        pred = predict_grades(self.model, batch["image"], self.tta_views, self._text(batch))
         return {"path": batch["path"], "grade": pred.grade, "confidence": pred.confidence, "probs": pred.probs}
 
     # -- optimisation ----------------------------------------------------------------------

@@ -50,7 +50,9 @@ class InspectionModel(nn.Module):
     Shapes:
         forward: image (B, C, H, W) uint8/float in 0..255, points (B, P, 3) float32 with
         point_mask (B, P) bool (and optional point_features (B, P, F)), text: list of B strings
-        (or None) → :class:`InspectionOutput`.
+        (``""``/None = no text for that sample), a tuple ``(input_ids, attention_mask)`` (B, T) or an
+        already encoded ``EncoderOutput``
+        → :class:`InspectionOutput`. A model without a text encoder ignores ``text``.
     """
 
     def __init__(
@@ -119,7 +121,12 @@ class InspectionModel(nn.Module):
             encoded["points"] = self.point_encoder(points, point_mask, point_features) if point_features is not None \
                 else self.point_encoder(points, point_mask)
         if text is not None and self.text_encoder is not None:
-            encoded["text"] = self.text_encoder(text)
+            if hasattr(text, "tokens"):  # already encoded (a prompt baked into an exported graph)
+                encoded["text"] = text
+            elif isinstance(text, tuple):  # (input_ids, attention_mask) token tensors
+                encoded["text"] = self.text_encoder(*text)
+            else:  # a list of strings
+                encoded["text"] = self.text_encoder(text)
         if not encoded:
             raise ValueError("no modality given: pass image, points (with point_mask) or text")
         return encoded

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradePrediction", "GradePostprocessor", "dihedral_views", "predict_grades"]
+__all__ = ["GradePrediction", "GradePostprocessor", "dihedral_views", "predict_grades", "repeat_views"]
 
 
 class GradePrediction(NamedTuple):
@@ -54,13 +54,24 @@ class GradePostprocessor(nn.Module):
         return predict_grades(self.model, image, self.tta_views)
 
 
-def predict_grades(model: nn.Module, image: Tensor, tta_views: int = 1) -> GradePrediction:
-    """Grade probabilities of ``model`` on (B, C, H, W) images, averaged over ``tta_views`` dihedral views."""
+def repeat_views(text, n_views: int):
+    """Per-sample text for ``n_views`` stacked views: a list repeats, token tensors (ids, mask) tile."""
+    if text is None or n_views == 1:
+        return text
+    if isinstance(text, (tuple, list)) and len(text) == 2 and all(isinstance(t, Tensor) for t in text):
+        return tuple(t.repeat(n_views, *([1] * (t.dim() - 1))) for t in text)
+    return list(text) * n_views
+
+
+def predict_grades(model: nn.Module, image: Tensor, tta_views: int = 1, text=None) -> GradePrediction:
+    """Grade probabilities of ``model`` on (B, C, H, W) images (and per-sample ``text`` when the
+    model has a text encoder), averaged over ``tta_views`` dihedral views."""
     b = image.shape[0]
+    kwargs = {} if text is None else {"text": repeat_views(text, tta_views)}
     if tta_views > 1:
-        logits = model(dihedral_views(image, tta_views)).grade_logits
+        logits = model(dihedral_views(image, tta_views), **kwargs).grade_logits
         probs = logits.softmax(-1).view(tta_views, b, -1).mean(0)
     else:
-        probs = model(image).grade_logits.softmax(-1)
+        probs = model(image, **kwargs).grade_logits.softmax(-1)
     confidence, grade = probs.max(-1)
     return GradePrediction(probs, grade, confidence)
