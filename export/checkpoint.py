@@ -30,6 +30,8 @@ class LoadedModel:
         config: the model's ``class_path``/``init_args`` config.
         source: the checkpoint file it came from.
         training_config: the run's hyperparameters (model and data sections) as recorded.
+        box_class_names: defect (box) class names of a model with a localization head, index = box label.
+        tasks: the tasks the model has heads for (``grading``, ``localization`` …).
     """
 
     model: nn.Module
@@ -40,6 +42,8 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     training_config: dict[str, Any] = field(default_factory=dict)
+    box_class_names: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
 
 
 # Before lineside 0.2 the folders installed as top-level modules (``fusion.InspectionModel``);
@@ -122,6 +126,8 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
             "data": _plain(ckpt.get("datamodule_hyper_parameters") or {}),
             "ensemble": _plain({k: v for k, v in (ensemble or {}).items() if k != "member_configs"}),
         },
+        box_class_names=list(meta.get("box_class_names") or []),
+        tasks=list(meta.get("tasks") or getattr(model, "tasks", None) or ["grading"]),
     )
 
 

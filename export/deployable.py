@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lineside.export.checkpoint import LoadedModel
+from lineside.fusion.box_decoder import BoxDecoder
 from lineside.fusion.postprocess import dihedral_views
 from lineside.vision.preprocess import FramePreprocessor
 
@@ -99,8 +100,13 @@ class FixedTextEncoding(nn.Module):
 class DeployableModel(nn.Module):
     """uint8 frames in, named decoded outputs out (a tuple in :meth:`output_names` order).
 
+    Decoders follow the model's heads: a :class:`GradeDecoder` when it has a grading head, then a
+    :class:`BoxDecoder` when it has a localization head; the outputs are the concatenation of their
+    rows, in that order.
+
     Args:
-        model: an ``InspectionModel`` or ``InspectionEnsemble`` (returns ``grade_logits``).
+        model: an ``InspectionModel`` or ``InspectionEnsemble`` (returns ``grade_logits`` and/or
+            ``localization``).
         train_size: (H, W) the model was trained on.
         input_size: (H, W) of the frames the artefact takes (fixed at export); default ``train_size``.
         channels: 1 or 3.
@@ -108,9 +114,13 @@ class DeployableModel(nn.Module):
         class_names: grade names.
         text_prompt: for a model with a text encoder, the prompt baked into the graph as constant
             token ids (no tokenizer at the station; one graph per prompt). ``""`` = no text.
+        box_class_names: defect (box) class names, index = box label.
+        top_k: boxes per frame (at most classes × heatmap cells).
 
     Shapes:
-        forward: image (N, C, H_in, W_in) uint8 → (grade_probs (N, K) float32, grade (N,) int64).
+        forward: image (N, C, H_in, W_in) uint8 → (grade_probs (N, K) float32, grade (N,) int64)
+        with a grading head, then (boxes (N, k, 4), box_scores (N, k), box_labels (N, k) int64,
+        defect_heatmap (N, 1, h, w)) with a localization head.
     """
 
     def __init__(
@@ -122,6 +132,8 @@ class DeployableModel(nn.Module):
         tta_views: int = 1,
         class_names: Sequence[str] | None = None,
         text_prompt: str | None = None,
+        box_class_names: Sequence[str] | None = None,
+        top_k: int = 100,
     ) -> None:
         super().__init__()
         self.model = model
@@ -133,7 +145,17 @@ class DeployableModel(nn.Module):
             raise ValueError(f"test-time views need a square training size, got {self.train_size}")
         self.preprocess = FramePreprocessor(self.train_size)
         self.class_names = list(class_names or [str(i) for i in range(model.num_grades)])
-        self.grade_decoder = GradeDecoder(model.num_grades, tta_views)
+        self.grade_decoder = GradeDecoder(model.num_grades, tta_views) if model.num_grades > 0 else None
+        head = getattr(model, "localization_head", None)
+        self.box_decoder = None
+        self.box_class_names = list(box_class_names or [])
+        if head is not None:
+            stride = float(model.image_encoder.strides[head.level_index])
+            cells = head.num_classes * -(-self.train_size[0] // int(stride)) * -(-self.train_size[1] // int(stride))
+            self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views)
+            self.box_class_names = self.box_class_names or [str(i) for i in range(head.num_classes)]
+        if self.grade_decoder is None and self.box_decoder is None:
+            raise ValueError("the model has neither a grading nor a localization head: nothing to deploy")
         text_encoder = getattr(model, "text_encoder", None)
         self.text_prompt = text_prompt if text_encoder is not None else None
         self.prompt = None
@@ -148,7 +170,7 @@ class DeployableModel(nn.Module):
         return TensorSpec("image", "uint8", ("N", self.channels, h, w), "input", "camera frames, uint8, fixed size")
 
     def output_specs(self) -> list[TensorSpec]:
-        return self.grade_decoder.outputs()
+        return [spec for d in (self.grade_decoder, self.box_decoder) if d is not None for spec in d.outputs()]
 
     @property
     def output_names(self) -> list[str]:
@@ -162,7 +184,17 @@ class DeployableModel(nn.Module):
             out = self.model(x, text=self.prompt(x))
         else:
             out = self.model(x)
-        return self.grade_decoder(out.grade_logits)
+        return self.decode(out)
+
+    def decode(self, out) -> tuple[Tensor, ...]:
+        """The model's raw ``InspectionOutput`` (of ``tta_views`` · N rows) → the outputs in
+        :meth:`output_names` order."""
+        outputs: tuple[Tensor, ...] = ()
+        if self.grade_decoder is not None:
+            outputs += tuple(self.grade_decoder(out.grade_logits))
+        if self.box_decoder is not None:
+            outputs += tuple(self.box_decoder(out.localization))
+        return outputs
 
     @torch.inference_mode()
     def run(self, image: Tensor) -> dict[str, Tensor]:
@@ -204,4 +236,5 @@ def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None
         tta_views=loaded.tta_views if tta_views is None else tta_views,
         class_names=loaded.class_names,
         text_prompt=text_prompt,
+        box_class_names=getattr(loaded, "box_class_names", None),
     ).eval()

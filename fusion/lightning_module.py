@@ -19,8 +19,11 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from lineside.fusion.box_decoder import BoxDecoder
 from lineside.fusion.criterion import GradingCriterion
+from lineside.fusion.detection_metrics import BoxMeanAP, PixelAUROC
 from lineside.fusion.ensemble import format_confusion
+from lineside.fusion.localization_criterion import LocalizationCriterion
 from lineside.fusion.model import InspectionModel
 from lineside.fusion.postprocess import predict_grades
 
@@ -30,17 +33,30 @@ log = logging.getLogger(__name__)
 
 
 class InspectionModule(L.LightningModule):
-    """Trains an :class:`InspectionModel` on severity grades.
+    """Trains an :class:`InspectionModel` on the tasks it has heads for: severity grades and/or
+    defect localization (boxes + defect heatmap).
+
+    The total loss is the sum of the present tasks' losses: grading on samples with a grade
+    (``grade >= 0``; the grading criterion gives a zero for a batch without any), localization on
+    batches that carry boxes (``boxes``, ``has_boxes``). Validation and test decode boxes with
+    :class:`BoxDecoder` and report box mAP (``map_50``, ``map``, per class) and, where masks
+    exist, pixel AUROC of the defect heatmap.
 
     Args:
         model: the pure model (injected from the config).
-        criterion: losses; class weights are set from the training data at fit start.
+        criterion: grading losses; class weights are set from the training data at fit start.
+            Unused (None) for a model without a grading head.
+        localization_criterion: localization losses, for a model with a localization head;
+            default ``LocalizationCriterion(num_classes, stride=<the head's feature stride>)``.
         optimizer: optimizer factory (``class_path`` in YAML).
         scheduler: LR scheduler factory, stepped per epoch; optional.
         backbone_lr_scale: learning rate of the pretrained backbone relative to the rest.
         tta_views: dihedral test-time views (1, 2, 4, 8) for val/test/predict.
         class_names: grade names. The data module owns them: the CLI links ``data.class_names`` here,
             and at each stage's start the data module's names (its given order) are taken.
+        box_class_names: defect (box) class names; taken from a detection data module at each
+            stage's start.
+        top_k: boxes decoded per image in validation / test / predict.
     """
 
     def __init__(
@@ -52,35 +68,83 @@ class InspectionModule(L.LightningModule):
         backbone_lr_scale: float = 1.0,
         tta_views: int = 1,
         class_names: list[str] | None = None,
+        localization_criterion: LocalizationCriterion | None = None,
+        box_class_names: list[str] | None = None,
+        top_k: int = 100,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # from the CLI "model" is its class_path config; else drop the object
             self.save_hyperparameters()
-        for key in ("model", "criterion"):
+        for key in ("model", "criterion", "localization_criterion"):
             if isinstance(self.hparams.get(key), torch.nn.Module):
                 del self.hparams[key]
         self.model = model
-        self.criterion = criterion or GradingCriterion()
+        self.criterion = (criterion or GradingCriterion()) if getattr(model, "grading_head", None) is not None else None
+        head = getattr(model, "localization_head", None)
+        if head is not None and localization_criterion is None:
+            localization_criterion = LocalizationCriterion(head.num_classes, stride=self.head_stride)
+        self.localization_criterion = localization_criterion if head is not None else None
+        self.top_k = top_k
+        self.box_class_names = list(box_class_names) if box_class_names else (
+            [str(i) for i in range(head.num_classes)] if head is not None else [])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr_scale = backbone_lr_scale
         self.tta_views = tta_views
         self.class_names = list(class_names) if class_names else [str(i) for i in range(model.num_grades)]
         k = model.num_grades
-        metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(k, average="micro"), "macro_f1": MulticlassF1Score(k, average="macro")}
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-        self.test_recall = MulticlassRecall(k, average="none")
-        self.test_confusion = MulticlassConfusionMatrix(k)
-        self.test_auroc = BinaryAUROC()
+        if k > 0:
+            metrics = MetricCollection(
+                {"acc": MulticlassAccuracy(k, average="micro"), "macro_f1": MulticlassF1Score(k, average="macro")}
+            )
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.test_metrics = metrics.clone(prefix="test/")
+            self.test_recall = MulticlassRecall(k, average="none")
+            self.test_confusion = MulticlassConfusionMatrix(k)
+            self.test_auroc = BinaryAUROC()
+        if head is not None:
+            self.box_map = {"val": BoxMeanAP(self.box_class_names, max_detections=top_k),
+                            "test": BoxMeanAP(self.box_class_names, max_detections=top_k)}
+            self.pixel_auroc = {"val": PixelAUROC(), "test": PixelAUROC()}
+            self._box_updates = {"val": 0, "test": 0}
+            self._decoders: dict[tuple[int, int], BoxDecoder] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in self.model.tasks if t in ("grading", "localization")]
+
+    @property
+    def head_stride(self) -> float:
+        """Model-input pixels per cell of the localization head's grid."""
+        head = self.model.localization_head
+        return float(self.model.image_encoder.strides[head.level_index])
+
+    @property
+    def has_grading(self) -> bool:
+        return getattr(self.model, "grading_head", None) is not None
+
+    @property
+    def has_localization(self) -> bool:
+        return getattr(self.model, "localization_head", None) is not None
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "num_classes"):
+            return
+        if getattr(dm, "task", "grading") == "localization":
+            if not self.has_localization:
+                raise ValueError(f"data {dm.source} carries defect boxes but the model has no localization head: "
+                                 "set model.init_args.model.init_args.localization_head")
+            if dm.num_classes != self.model.localization_head.num_classes:
+                raise ValueError(
+                    f"data {dm.source} has {dm.num_classes} defect classes {dm.class_names} but the localization head has "
+                    f"{self.model.localization_head.num_classes}: set model.init_args.model.init_args.localization_head.init_args.num_classes"
+                )
+            self.box_class_names = list(dm.class_names)
+            for m in self.box_map.values():
+                m.class_names = self.box_class_names
             return
         if dm.num_classes != self.model.num_grades:
             raise ValueError(
@@ -100,11 +164,32 @@ class InspectionModule(L.LightningModule):
         """Per-sample texts for a model with a text encoder (None otherwise)."""
         return batch.get("text") if getattr(self.model, "text_encoder", None) is not None else None
 
+    def _losses(self, out, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-task losses and ``loss`` (their sum). A grading-only model logs exactly the grading
+        criterion's terms; a multi-task one adds ``loss_grading`` / ``loss_localization`` subtotals."""
+        losses: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}
+        if self.criterion is not None and out.grade_logits is not None and "grade" in batch:
+            g = self.criterion(out, batch)
+            parts["grading"] = g.pop("loss")
+            losses.update(g)
+        if self.localization_criterion is not None and out.localization is not None and "boxes" in batch:
+            loc = self.localization_criterion(out, batch)
+            parts["localization"] = loc.pop("loss")
+            losses.update(loc)
+        if not parts:
+            raise ValueError(f"the batch supervises none of the model's tasks {self.tasks} (keys: {sorted(batch)})")
+        if len(parts) > 1 or "grading" not in parts:
+            losses.update({f"loss_{t}": v for t, v in parts.items()})
+        losses["loss"] = sum(parts.values())
+        return losses
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text = self._text(batch)
-        losses = self.criterion(self.model(batch["image"], **({"text": text} if text is not None else {})), batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["grade"]))
-        self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=len(batch["grade"]))
+        losses = self._losses(self.model(batch["image"], **({"text": text} if text is not None else {})), batch)
+        n = len(batch["image"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=n)
+        self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=n)
         return losses["loss"]
 
     def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str):
@@ -117,14 +202,60 @@ class InspectionModule(L.LightningModule):
             self.log(f"{prefix}/nll", nll, batch_size=int(valid.sum()))
         return pred, grade, valid
 
+    def _decoder(self, image: torch.Tensor) -> BoxDecoder:
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        if size not in self._decoders:
+            s = self.head_stride
+            cells = self.model.localization_head.num_classes * -(-size[0] // int(s)) * -(-size[1] // int(s))
+            self._decoders[size] = BoxDecoder(s, size, top_k=min(self.top_k, cells))
+        return self._decoders[size]
+
+    def _localize(self, batch: dict, stage: str):
+        """Decoded boxes of the batch (no test-time views), and for val/test: loss, mAP and pixel AUROC updates."""
+        text = self._text(batch)
+        out = self.model(batch["image"], **({"text": text} if text is not None else {}))
+        boxes, scores, labels, heat = self._decoder(batch["image"])(out.localization)
+        if stage in ("val", "test") and "boxes" in batch:
+            n = len(batch["image"])
+            loss = self.localization_criterion(out, batch)["loss"]
+            self.log(f"{stage}/loss_localization", loss, batch_size=n)
+            keep = batch.get("has_boxes")
+            self.box_map[stage].update(boxes, scores, labels, batch["boxes"], batch["labels"], batch["box_mask"], keep)
+            self._box_updates[stage] += n if keep is None else int(keep.sum())
+            if "mask" in batch and "has_mask" in batch:
+                self.pixel_auroc[stage].update(heat, batch["mask"], batch["has_mask"])
+        return boxes, scores, labels, heat
+
+    def _log_localization(self, stage: str) -> None:
+        if self._box_updates[stage]:
+            r = self.box_map[stage].compute()
+            self.log_dict({f"{stage}/{k}": v for k, v in r.items() if k != "map_50"}, prog_bar=False)
+            self.log(f"{stage}/map_50", r["map_50"], prog_bar=True)
+            auroc = self.pixel_auroc[stage].compute()
+            if auroc == auroc:  # not nan: masks with both classes were seen
+                self.log(f"{stage}/pixel_auroc", auroc)
+        self.box_map[stage].reset()
+        self.pixel_auroc[stage].reset()
+        self._box_updates[stage] = 0
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        if self.has_grading:
+            self._eval_step(batch, self.val_metrics, "val")
+        if self.has_localization:
+            self._localize(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        if self.has_grading:
+            self.log_dict(self.val_metrics.compute(), prog_bar=True)
+            self.val_metrics.reset()
+        if self.has_localization:
+            self._log_localization("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.has_localization:
+            self._localize(batch, "test")
+        if not self.has_grading:
+            return
         pred, grade, valid = self._eval_step(batch, self.test_metrics, "test")
         if valid.any():
             self.test_recall.update(pred.probs[valid], grade[valid])
@@ -132,6 +263,10 @@ class InspectionModule(L.LightningModule):
             self.test_auroc.update(1.0 - pred.probs[valid, 0], (grade[valid] > 0).long())
 
     def on_test_epoch_end(self) -> None:
+        if self.has_localization:
+            self._log_localization("test")
+        if not self.has_grading:
+            return
         self.log_dict(self.test_metrics.compute())
         for name, r in zip(self.class_names, self.test_recall.compute()):
             self.log(f"test/recall_{name}", r)
@@ -153,8 +288,14 @@ class InspectionModule(L.LightningModule):
                     w.writerows([[n, *row] for n, row in zip(self.class_names, cm)])
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        pred = predict_grades(self.model, batch["image"], self.tta_views, self._text(batch))
-        return {"path": batch["path"], "grade": pred.grade, "confidence": pred.confidence, "probs": pred.probs}
+        result = {"path": batch["path"]}
+        if self.has_grading:
+            pred = predict_grades(self.model, batch["image"], self.tta_views, self._text(batch))
+            result.update({"grade": pred.grade, "confidence": pred.confidence, "probs": pred.probs})
+        if self.has_localization:
+            boxes, scores, labels, heat = self._localize(batch, "predict")
+            result.update({"boxes": boxes, "box_scores": scores, "box_labels": labels, "defect_heatmap": heat})
+        return result
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -182,5 +323,7 @@ class InspectionModule(L.LightningModule):
             "image_size": getattr(dm, "image_size", None),
             "channels": self.model.in_chans,
             "tta_views": self.tta_views,
+            "box_class_names": self.box_class_names,
+            "tasks": self.tasks,
             "model_config": self.hparams.get("model") if isinstance(self.hparams.get("model"), dict) else None,
         }
