@@ -39,6 +39,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from jsonargparse import ActionYesNo, Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -254,8 +255,45 @@ class InspectionCLI(LightningCLI):
             path.unlink(missing_ok=True)
 
 
+class AnyDataInspectionCLI(InspectionCLI):
+    """:class:`InspectionCLI` whose ``data`` section names its LightningDataModule by ``class_path``
+    (e.g. ``lineside.fusion.detection_datamodule.DetectionDataModule`` in ``configs/neu_det.yaml``).
+
+    :func:`main` picks it when a ``--config`` file's ``data`` section has a ``class_path``; plain
+    ``data: {...}`` configs keep :class:`InspectionCLI` and its class-name checks.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": "lineside: train and evaluate inspection models"})
+        LightningCLI.__init__(self, InspectionModule, L.LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"data": {"class_path": "lineside.fusion.datamodule.InspectionDataModule"}})
+
+
+def _data_has_class_path(args: list[str]) -> bool:
+    """Does a ``--config`` file in ``args`` give its ``data`` section as ``class_path``/``init_args``?"""
+    import yaml
+
+    for i, a in enumerate(args):
+        path = args[i + 1] if a == "--config" and i + 1 < len(args) else a.split("=", 1)[1] if a.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                cfg = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError:
+                continue
+            if isinstance(cfg.get("data"), dict) and "class_path" in cfg["data"]:
+                return True
+    return False
+
+
 def main(args: list[str] | None = None, **kwargs: Any) -> InspectionCLI:
-    return InspectionCLI(args=args, **kwargs)
+    argv = list(sys.argv[1:] if args is None else args)
+    cli = AnyDataInspectionCLI if _data_has_class_path(argv) else InspectionCLI
+    return cli(args=args, **kwargs)
 
 
 if __name__ == "__main__":

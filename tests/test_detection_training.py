@@ -22,28 +22,13 @@ TINY_DET = REPO / "configs" / "tiny_det.yaml"
 pytestmark = pytest.mark.needs_shared
 
 
-class _AnyDataCLI(InspectionCLI):
-    """InspectionCLI whose ``data`` section may name any LightningDataModule by ``class_path``
-    (default: InspectionDataModule, so plain ``data: {...}`` configs keep working)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("save_config_callback", RunConfigCallback)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        LightningCLI.__init__(self, InspectionModule, L.LightningDataModule, *args, subclass_mode_data=True, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.set_defaults({"data": {"class_path": "lineside.fusion.datamodule.InspectionDataModule"}})
-
-
 def _fit(args: list[str]):
-    """``lineside fit`` of a config whose data section is a DetectionDataModule."""
-    try:
-        from lineside.fusion.training_cli import main
+    """``lineside fit`` of a config whose data section is a DetectionDataModule (``class_path``)."""
+    from lineside.fusion.training_cli import AnyDataInspectionCLI, main
 
-        return main(args)
-    except SystemExit:  # this InspectionCLI takes only InspectionDataModule data sections
-        return _AnyDataCLI(args=args)
+    cli = main(args)
+    assert isinstance(cli, AnyDataInspectionCLI)
+    return cli
 
 
 @pytest.fixture(scope="module")
