@@ -91,8 +91,22 @@ class _HalfCompute(torch.nn.Module):
         x = d.preprocess(image)
         if d.tta_views > 1:
             x = dihedral_views(x, d.tta_views)
-        logits = d.model(x.half()).grade_logits.float()
-        return d.grade_decoder(logits)
+        kwargs = {}
+        if d.prompt is not None:
+            text = d.prompt(x)
+            if hasattr(text, "tokens"):  # an encoded prompt enters the fp16 fusion in fp16
+                text = type(text)(text.tokens.half(), text.positions.half(), text.padding_mask)
+            kwargs["text"] = text
+        return d.decode(_to_float(d.model(x.half(), **kwargs)))
+
+
+def _to_float(obj):
+    """fp16 tensors (inside NamedTuples) → fp32, for the decoders."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_float(v) for v in obj))
+    return obj
 
 
 def onnx_graph(deployable: DeployableModel, path: str | os.PathLike, opset: int = OPSET, fp16: bool = False, simplify: bool = True) -> Path:

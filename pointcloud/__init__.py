@@ -21,6 +21,7 @@ _EXPORTS = {
     "parts": ["PART_KINDS", "Part", "PartialView", "extrude_polygon", "holed_plate", "look_at", "make_part",
               "random_part", "render_partial_view", "revolve_profile"],
     "point_encoder": ["PlainPointNet", "PointEncoder"],
+    "grasp_dataset": ["GraspViewConfig", "PartGraspDataset", "WorkshopToolsDataset"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
