@@ -15,12 +15,34 @@ from lineside.vision.records import ImageRecord, records_from_image_folder, reco
 from lineside.vision.splits import block_split, fold_split, stratified_split
 from lineside.vision.transforms import build_eval_transform, build_train_transform
 
-__all__ = ["InspectionDataModule"]
+__all__ = ["InspectionDataModule", "SplitLoadersMixin"]
 
 log = logging.getLogger(__name__)
 
 
-class InspectionDataModule(L.LightningDataModule):
+class SplitLoadersMixin:
+    """The four Lightning dataloader hooks over one ``_loader(split, train=False)`` method
+    (shared by the grading and detection data modules)."""
+
+    predict_split: str
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split)
+
+
+class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Images + grades for training, validation, test and prediction.
 
     With neither ``root`` nor ``manifest`` it serves the built-in ELPV electroluminescence
@@ -167,14 +189,3 @@ class InspectionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)

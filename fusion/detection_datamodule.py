@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lineside.fusion.datamodule import SplitLoadersMixin
 from lineside.vision.box_formats import read_deeppcb, read_magnetic_tile, read_neu_det
 from lineside.vision.box_records import DetectionRecord
 from lineside.vision.box_splits import grouped_record_split, stratified_record_split
@@ -38,7 +39,7 @@ def localization_collate(samples: list[dict]) -> dict:
     return batch
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Box- (and mask-) labelled images for training, validation and test of the localization head.
 
     Splits (seeded by ``seed``, fractions ``val_fraction`` / ``test_fraction``):
@@ -166,14 +167,3 @@ class DetectionDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)
