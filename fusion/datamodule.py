@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_records
 from lineside.vision.image_dataset import InspectionImageDataset
-from lineside.vision.records import ImageRecord, records_from_image_folder, records_from_manifest
+from lineside.vision.records import ImageRecord, dedupe_records, records_from_image_folder, records_from_manifest
 from lineside.vision.splits import block_split, fold_split, stratified_split
 from lineside.vision.transforms import build_eval_transform, build_train_transform
 
@@ -76,6 +76,8 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         text: one prompt for every sample of the run (product, cell type, inspection rule …),
             replacing per-sample texts (ELPV's cell type, a manifest's ``text`` column). Read by
             models with a text encoder; others ignore texts.
+        dedupe: ``"md5"`` drops images whose bytes repeat an earlier image's before splitting
+            (the count is logged), so no copy sits on both sides of a split; ``"none"`` keeps all.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         fold: int | None = None,
         num_folds: int = 5,
         text: str | None = None,
+        dedupe: Literal["none", "md5"] = "none",
     ) -> None:
         super().__init__()
         if root and manifest:
@@ -111,6 +114,10 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         self.seed, self.limit, self.predict_split = seed, limit, predict_split
         self.fold, self.num_folds = fold, num_folds
         self.text = text
+        if dedupe not in ("none", "md5"):
+            raise ValueError(f"dedupe must be 'none' or 'md5', got {dedupe!r}")
+        self.dedupe = dedupe
+        self.dropped_duplicates = 0
         self._class_names = class_names
         self.splits: dict[str, list[ImageRecord]] | None = None
 
@@ -130,6 +137,8 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         if self.splits is not None:
             return self.splits
         records, self.class_names = self._load()
+        if self.dedupe == "md5":
+            records, self.dropped_duplicates = dedupe_records(records, self.source)
         if not any(r.split in ("val", "test") for r in records):
             records = [ImageRecord(r.path, r.label, None, r.text) for r in records]  # only a train split given: split it here
         fixed = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lineside.vision.io import is_image_file
 
-__all__ = ["ImageRecord", "DatasetFormatError", "records_from_image_folder", "records_from_manifest"]
+__all__ = ["ImageRecord", "DatasetFormatError", "dedupe_records", "records_from_image_folder", "records_from_manifest"]
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -110,3 +114,34 @@ def records_from_manifest(manifest: str | os.PathLike, class_names: list[str] | 
     if not records:
         raise DatasetFormatError(f"{manifest}: manifest has no rows")
     return records, list(class_names)
+
+
+def dedupe_records(records: list[ImageRecord], source: str = "") -> tuple[list[ImageRecord], int]:
+    """Drop records whose file bytes (md5) repeat an earlier record's; returns ``(kept, dropped)``.
+
+    Run it before splitting: byte-identical copies on both sides of a split leak the validation
+    or test images into training (radiograph patch sets repeat saturated patches, scraped sets
+    repeat images). The first occurrence is kept, in record order. Copies whose labels disagree
+    are dropped too and counted in a warning, since no split can score them honestly.
+    """
+    seen: dict[str, ImageRecord] = {}
+    kept: list[ImageRecord] = []
+    conflicts = 0
+    for r in records:
+        try:
+            with open(r.path, "rb") as fh:
+                digest = hashlib.md5(fh.read()).hexdigest()
+        except OSError as e:
+            raise DatasetFormatError(f"{r.path}: cannot read image for deduplication ({e})") from e
+        first = seen.get(digest)
+        if first is None:
+            seen[digest] = r
+            kept.append(r)
+        elif first.label != r.label:
+            conflicts += 1
+    dropped = len(records) - len(kept)
+    if dropped:
+        log.info("%s: dropped %d of %d images whose bytes (md5) repeat an earlier image", source or "data", dropped, len(records))
+    if conflicts:
+        log.warning("%s: %d duplicate images carry another label than their first copy (the first copy's label is kept)", source or "data", conflicts)
+    return kept, dropped
