@@ -5,7 +5,8 @@
   torchmetrics ``MeanAveragePrecision`` (backend ``faster_coco_eval`` or ``pycocotools``,
   whichever is installed);
 - :class:`PixelAUROC`: pixel-level AUROC of the defect heatmap against masks (torchmetrics
-  ``BinaryAUROC`` on a seeded subsample of the pixels of samples that have a mask).
+  ``BinaryAUROC`` on a seeded subsample of the pixels of samples that have a mask), and beside
+  it the per-region overlap (:class:`PerRegionOverlap`, PRO as in MVTec AD) on all pixels.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import importlib.util
 from typing import Sequence
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.detection import MeanAveragePrecision
 
-__all__ = ["BoxMeanAP", "PixelAUROC", "coco_backend"]
+__all__ = ["BoxMeanAP", "PerRegionOverlap", "PixelAUROC", "coco_backend"]
 
 
 def coco_backend() -> str:
@@ -129,9 +132,11 @@ class PixelAUROC(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self._seen_pos = False
         self._seen_neg = False
+        self.pro = PerRegionOverlap()
 
     def reset(self) -> None:
         self.auroc.reset()
+        self.pro.reset()
         self._seen_pos = self._seen_neg = False
 
     @torch.no_grad()
@@ -141,7 +146,9 @@ class PixelAUROC(nn.Module):
         if heatmap.shape[0] == 0:
             return
         prob = heatmap.float().sigmoid() if logits else heatmap.float()
-        prob = F.interpolate(prob, size=mask.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1).flatten().cpu()
+        prob = F.interpolate(prob, size=mask.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+        self.pro.update(prob[:, 0], mask)
+        prob = prob.flatten().cpu()
         target = (mask > 0).flatten().long().cpu()
         if prob.numel() > self.max_pixels:
             idx = torch.randperm(prob.numel(), generator=self.generator)[: self.max_pixels]
@@ -154,3 +161,79 @@ class PixelAUROC(nn.Module):
         if not (self._seen_pos and self._seen_neg):
             return float("nan")
         return float(self.auroc.compute())
+
+    def compute_pro(self) -> float:
+        """PRO (normalised area up to FPR 0.3) of every pixel seen since :meth:`reset`; nan as :meth:`compute`."""
+        return self.pro.compute()
+
+
+class PerRegionOverlap(nn.Module):
+    """Per-region overlap (PRO, MVTec AD): every defect region counts the same, whatever its size.
+
+    For a threshold t, a ground-truth region's overlap is the share of its pixels with heatmap
+    >= t; PRO(t) is the mean over all regions (8-connected components of the masks, over all
+    samples), FPR(t) the share of defect-free pixels >= t. The PRO-vs-FPR curve is integrated
+    (trapezoids, starting at (0, 0)) up to ``max_fpr`` and divided by ``max_fpr``: 1.0 for a
+    heatmap that covers every region before any false positive, about ``max_fpr / 2`` for
+    chance. Unlike pixel AUROC, a small missed region weighs as much as a large found one.
+
+    Thresholds are ``num_bins`` equal steps of [0, 1] (heatmaps are probabilities); counts are
+    accumulated per bin, so memory is constant in the number of pixels.
+
+    Args:
+        max_fpr: integration limit (MVTec AD: 0.3).
+        num_bins: threshold resolution.
+
+    Shapes:
+        update: heatmap (B, H, W) probabilities in [0, 1] at the mask size, mask (B, H, W) 0/1.
+        compute: → float (nan without both defect regions and defect-free pixels).
+    """
+
+    def __init__(self, max_fpr: float = 0.3, num_bins: int = 1000) -> None:
+        super().__init__()
+        if not 0 < max_fpr <= 1:
+            raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+        self.max_fpr, self.num_bins = max_fpr, num_bins
+        self.reset()
+
+    def reset(self) -> None:
+        self._overlap_sum = np.zeros(self.num_bins, dtype=np.float64)  # sum over regions of share >= threshold k
+        self._neg_counts = np.zeros(self.num_bins, dtype=np.int64)  # defect-free pixels per bin
+        self._regions = 0
+
+    def _bins(self, values: np.ndarray) -> np.ndarray:
+        return np.clip((values * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
+
+    @torch.no_grad()
+    def update(self, heatmap: Tensor, mask: Tensor) -> None:
+        if heatmap.shape != mask.shape:
+            raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} must have the same (B, H, W) shape")
+        heat = heatmap.detach().float().cpu().numpy()
+        masks = (mask.detach().cpu().numpy() > 0).astype(np.uint8)
+        for h, m in zip(heat, masks):
+            bins = self._bins(h)
+            self._neg_counts += np.bincount(bins[m == 0], minlength=self.num_bins)
+            n, regions = cv2.connectedComponents(m, connectivity=8)
+            if n <= 1:
+                continue
+            ids = regions[m > 0].astype(np.int64) - 1
+            hist = np.bincount(ids * self.num_bins + bins[m > 0], minlength=(n - 1) * self.num_bins).reshape(n - 1, self.num_bins)
+            at_least = hist[:, ::-1].cumsum(1)[:, ::-1]  # pixels >= threshold k, per region
+            self._overlap_sum += (at_least / at_least[:, :1]).sum(0)
+            self._regions += n - 1
+
+    def compute(self) -> float:
+        negatives = int(self._neg_counts.sum())
+        if self._regions == 0 or negatives == 0:
+            return float("nan")
+        # thresholds from high to low: FPR rises from 0, PRO from 0 (a point at (0, 0) opens the curve)
+        fpr = np.concatenate([[0.0], self._neg_counts[::-1].cumsum() / negatives])
+        pro = np.concatenate([[0.0], self._overlap_sum[::-1] / self._regions])
+        keep = fpr <= self.max_fpr
+        x, y = fpr[keep], pro[keep]
+        last = int(np.flatnonzero(keep)[-1])
+        if last + 1 < len(fpr) and x[-1] < self.max_fpr:  # close the curve at max_fpr by interpolation
+            x0, x1, y0, y1 = fpr[last], fpr[last + 1], pro[last], pro[last + 1]
+            x = np.append(x, self.max_fpr)
+            y = np.append(y, y0 + (y1 - y0) * (self.max_fpr - x0) / (x1 - x0))
+        return float(np.trapezoid(y, x) / self.max_fpr)

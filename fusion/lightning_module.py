@@ -234,6 +234,7 @@ class InspectionModule(L.LightningModule):
             auroc = self.pixel_auroc[stage].compute()
             if auroc == auroc:  # not nan: masks with both classes were seen
                 self.log(f"{stage}/pixel_auroc", auroc)
+                self.log(f"{stage}/pro", self.pixel_auroc[stage].compute_pro())  # per-region overlap, FPR <= 0.3
         self.box_map[stage].reset()
         self.pixel_auroc[stage].reset()
         self._box_updates[stage] = 0
