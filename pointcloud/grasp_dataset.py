@@ -74,6 +74,7 @@ __all__ = [
     "analytic_grasp_baseline",
     "collate",
     "evaluate_topk",
+    "grasp_success",
     "load_mesh",
     "slab_grasp_baseline",
     "visible_grasps",
@@ -113,6 +114,10 @@ class GraspViewConfig:
     def key(self, extra: dict) -> str:
         blob = json.dumps({**asdict(self), **extra}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+#: enters every cache key; bumped when rendering or labelling changes (2: contacts are the pads' first touch)
+LABEL_VERSION = 2
 
 
 def _mesh_ref(**ref: Any) -> str:
@@ -198,7 +203,8 @@ class _CachedGraspDataset(Dataset):
         self.seed = int(seed)
         self.cache_dir = None
         if cache_dir is not None:
-            self.cache_dir = Path(cache_dir) / self.config.key({"seed": self.seed, "dataset": type(self).__name__, **self._key_extra()})
+            self.cache_dir = Path(cache_dir) / self.config.key(
+                {"seed": self.seed, "dataset": type(self).__name__, "labels": LABEL_VERSION, **self._key_extra()})
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _key_extra(self) -> dict:
@@ -356,6 +362,37 @@ def collate(samples: Sequence[dict]) -> dict:
     return out
 
 
+def grasp_success(
+    position: np.ndarray,
+    approach: np.ndarray,
+    closing: np.ndarray,
+    meshes: Sequence,
+    score: np.ndarray | None = None,
+    gripper: ParallelJawGripper = ParallelJawGripper(),
+    mu: float = 0.5,
+) -> np.ndarray:
+    """(N, K) bool: does each ranked grasp pass :func:`~.grasp_labels.evaluate_grasps` on its sample's mesh?
+
+    Arguments as :func:`evaluate_topk`; a mesh reference used by consecutive samples is loaded once.
+    Grasps with score <= 0 (exhausted picks) are False.
+    """
+    position, approach, closing = (np.asarray(a, np.float64) for a in (position, approach, closing))
+    n, k = position.shape[:2]
+    ok = np.zeros((n, k), bool)
+    last_ref, scene = None, None
+    for i in range(n):
+        mesh = meshes[i]
+        if isinstance(mesh, str):
+            if mesh != last_ref:
+                last_ref, scene = mesh, GraspScene(load_mesh(mesh))
+        else:
+            scene = mesh if isinstance(mesh, GraspScene) else GraspScene(mesh)
+        ok[i], *_ = evaluate_grasps(scene, make_grasps(position[i], approach[i], closing[i], 0.0), gripper, mu)
+    if score is not None:
+        ok &= np.asarray(score) > 0
+    return ok
+
+
 def evaluate_topk(
     position: np.ndarray,
     approach: np.ndarray,
@@ -377,15 +414,9 @@ def evaluate_topk(
     Returns:
         ``{"top1": …, "top5": …, "precision": fraction of all scored grasps that succeed}``.
     """
-    position, approach, closing = (np.asarray(a, np.float64) for a in (position, approach, closing))
-    n, k = position.shape[:2]
-    ok = np.zeros((n, k), bool)
-    for i in range(n):
-        mesh = meshes[i]
-        scene = mesh if isinstance(mesh, GraspScene) else GraspScene(load_mesh(mesh) if isinstance(mesh, str) else mesh)
-        ok[i], *_ = evaluate_grasps(scene, make_grasps(position[i], approach[i], closing[i], 0.0), gripper, mu)
+    n, k = np.shape(position)[:2]
+    ok = grasp_success(position, approach, closing, meshes, score, gripper, mu)
     live = np.ones((n, k), bool) if score is None else np.asarray(score) > 0
-    ok &= live
     out = {f"top{kk}": float(ok[:, :kk].any(1).mean()) if n else 0.0 for kk in ks}
     out["precision"] = float(ok.sum() / max(live.sum(), 1))
     return out

