@@ -77,14 +77,15 @@ def aoti_package(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from lineside.export.onnx_export import example_inputs
+
     module = deployable.to(device).eval()
-    c, (h, w) = deployable.channels, deployable.input_size
     upper = max(2, int(max_batch))
-    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, device=device)
+    example = tuple(t.to(device) for t in example_inputs(deployable))  # in input_specs order (forward takes them positionally)
     batch = torch.export.Dim("N", min=1, max=upper)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}}, strict=False)
+        program = torch.export.export(module, example, dynamic_shapes=(tuple({0: batch} for _ in example),), strict=False)
     configs = {"max_autotune": False, **(inductor_configs or {})}
     if metadata is not None:
         configs["aot_inductor.metadata"] = {EMBEDDED_METADATA_KEY: json.dumps(metadata, default=str)}

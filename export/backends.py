@@ -4,7 +4,9 @@
     out = backend(frames_uint8_nchw)                      # {"grade_probs": (N, K) float32, "grade": (N,) int64}
 
 Each backend loads an artefact, takes named NumPy arrays in (``image`` uint8 (N, C, H, W) at
-its ``input_size``) and gives named NumPy arrays out, listed in its ``metadata``. ``score``,
+its ``input_size``; a point model: a dict of ``points`` float32 (N, P, 3), ``point_mask`` bool
+(N, P) [, ``point_normals``], see :mod:`export.point_inputs`) and gives named NumPy arrays out,
+listed in its ``metadata``. ``score``,
 ``station`` and ``bench`` talk only to this interface; formats register in :data:`BACKENDS`
 (one class per backend, imported lazily so a station without Lightning or TensorRT still loads).
 """
@@ -43,13 +45,37 @@ class Backend:
 
     # -- what it takes and gives --------------------------------------------------------------
     @property
+    def input_specs(self) -> list[dict]:
+        return list(self.metadata.get("inputs") or [])
+
+    def _input(self, name: str) -> dict:
+        for spec in self.input_specs:
+            if spec["name"] == name:
+                return spec
+        raise BackendError(f"{self.describe()}: the model takes no {name!r} input (it takes {[s['name'] for s in self.input_specs]})")
+
+    @property
+    def takes_points(self) -> bool:
+        """The model takes point clouds (``points`` + ``point_mask``)."""
+        return any(s["name"] == "points" for s in self.input_specs)
+
+    @property
+    def takes_image(self) -> bool:
+        return any(s["name"] == "image" for s in self.input_specs) or not self.input_specs
+
+    @property
+    def num_points(self) -> int:
+        """P, the points per cloud of a point model."""
+        return int(self._input("points")["shape"][1])
+
+    @property
     def input_size(self) -> tuple[int, int]:
-        shape = self.metadata["inputs"][0]["shape"]
+        shape = self._input("image")["shape"] if self.takes_points else self.metadata["inputs"][0]["shape"]
         return int(shape[2]), int(shape[3])
 
     @property
     def channels(self) -> int:
-        return int(self.metadata["inputs"][0]["shape"][1])
+        return int((self._input("image") if self.takes_points else self.metadata["inputs"][0])["shape"][1])
 
     @property
     def class_names(self) -> list[str]:
@@ -72,7 +98,9 @@ class Backend:
         return f"{self.name} ({Path(self.path).name})"
 
     # -- running ---------------------------------------------------------------------------
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, image: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(image, dict) or self.takes_points:
+            return self._call_named(image if isinstance(image, dict) else {"image": image})
         image = np.ascontiguousarray(image)
         if image.dtype != np.uint8 or image.ndim != 4:
             raise BackendError(f"{self.describe()}: expects uint8 (N, C, H, W) frames, got {image.dtype} {image.shape}")
@@ -87,13 +115,62 @@ class Backend:
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._run(image)
 
+    def _call_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named inputs (every input of the metadata, batch first), checked against the specs, then run."""
+        specs = self.input_specs
+        names = [s["name"] for s in specs]
+        if set(inputs) != set(names):
+            raise BackendError(f"{self.describe()}: takes inputs {names}, got {sorted(inputs)}")
+        arrays, n = {}, None
+        for spec in specs:
+            a = np.ascontiguousarray(inputs[spec["name"]])
+            want = tuple(spec["shape"][1:])
+            if str(a.dtype) != spec["dtype"] or a.shape[1:] != want:
+                raise BackendError(f"{self.describe()}: input {spec['name']!r} must be {spec['dtype']} (N, {', '.join(map(str, want))}), "
+                                   f"got {a.dtype} {a.shape}" + ("; prepare clouds with lineside.export.point_inputs" if spec["name"] != "image" else ""))
+            if n is not None and len(a) != n:
+                raise BackendError(f"{self.describe()}: inputs differ in batch size ({n} vs {len(a)} for {spec['name']!r})")
+            n = len(a)
+            arrays[spec["name"]] = a
+        limit = self.max_batch
+        if limit and n > limit:
+            parts = [self._run_named({k: v[i : i + limit] for k, v in arrays.items()}) for i in range(0, n, limit)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._run_named(arrays)
+
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Several named inputs (a point model); backends that run them override this."""
+        if list(inputs) == ["image"]:
+            return self._run(inputs["image"])
+        raise BackendError(f"{self.describe()}: the {self.name} backend runs image-only models; "
+                           "use the ONNX graph (onnxruntime), a checkpoint (torch) or a TensorRT engine")
+
     def warmup(self, batch_size: int = 1, rounds: int = 2) -> None:
-        x = np.zeros((batch_size, self.channels, *self.input_size), dtype=np.uint8)
+        x = self.blank_inputs(batch_size)
         for _ in range(rounds):
             self(x)
+
+    def blank_inputs(self, batch_size: int = 1) -> np.ndarray | dict[str, np.ndarray]:
+        """A batch to warm up with: black frames, or for a point model a small random cloud (all points real)."""
+        if not self.takes_points:
+            return np.zeros((batch_size, self.channels, *self.input_size), dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        out: dict[str, np.ndarray] = {}
+        for spec in self.input_specs:
+            shape = (batch_size, *(int(d) for d in spec["shape"][1:]))
+            if spec["name"] == "image":
+                out["image"] = np.zeros(shape, np.uint8)
+            elif spec["name"] == "point_mask":
+                out["point_mask"] = np.ones(shape, bool)
+            elif spec["name"] == "point_normals":
+                v = rng.normal(size=shape)
+                out["point_normals"] = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+            else:  # points: a 5 cm cloud 0.4 m in front of the sensor
+                out[spec["name"]] = (rng.uniform(-0.025, 0.025, shape) + np.array([0.0, 0.0, 0.4])).astype(np.float32)
+        return out
 
     def close(self) -> None:
         pass
@@ -149,15 +226,18 @@ class TorchBackend(Backend):
             self.name += f"-{dtype}"
 
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_named({"image": image})
+
+    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(image).to(self.device, non_blocking=True)
+        xs = [torch.from_numpy(inputs[n]).to(self.device, non_blocking=True) for n in self.deployable.input_names]
         with torch.inference_mode():
             if self.autocast is not None:
-                with torch.autocast(x.device.type, dtype=self.autocast):
-                    outs = self._fn(x)
+                with torch.autocast(xs[0].device.type, dtype=self.autocast):
+                    outs = self._fn(*xs)
             else:
-                outs = self._fn(x)
+                outs = self._fn(*xs)
         return {n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for n, o in zip(self.deployable.output_names, outs)}
 
 
@@ -207,6 +287,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {"image": image})
+        return dict(zip(self.output_names, outs))
+
+    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, inputs)
         return dict(zip(self.output_names, outs))
 
 

@@ -32,6 +32,10 @@ class LoadedModel:
         training_config: the run's hyperparameters (model and data sections) as recorded.
         box_class_names: defect (box) class names of a model with a localization head, index = box label.
         tasks: the tasks the model has heads for (``grading``, ``localization`` …).
+        points: a model with a point encoder: how its clouds were prepared in training
+            (``num_points``, ``features``, ``voxel_size``, ``normal_radius``, ``normalisation`` …,
+            recorded under ``checkpoint["lineside"]["points"]``), with the grasp decoder's
+            ``grasp_top_k`` / ``grasp_nms_radius``; empty otherwise.
     """
 
     model: nn.Module
@@ -44,6 +48,7 @@ class LoadedModel:
     training_config: dict[str, Any] = field(default_factory=dict)
     box_class_names: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    points: dict[str, Any] = field(default_factory=dict)
 
 
 # Before lineside 0.2 the folders installed as top-level modules (``fusion.InspectionModel``);
@@ -128,6 +133,7 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
         },
         box_class_names=list(meta.get("box_class_names") or []),
         tasks=list(meta.get("tasks") or getattr(model, "tasks", None) or ["grading"]),
+        points=_plain({**{k: meta[k] for k in ("grasp_top_k", "grasp_nms_radius") if meta.get(k) is not None}, **(meta.get("points") or {})}),
     )
 
 

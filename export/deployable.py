@@ -4,6 +4,15 @@
         → InspectionModel / InspectionEnsemble (normalisation inside the image encoder)
         → decoders (test-time views folded in) → named outputs
 
+    padded clouds (N, P, 3) in sensor metres + point_mask (N, P) [+ point_normals (N, P, 3)]
+        → CloudNormalizer (centre and scale as in training, inside) → InspectionModel
+        → GraspDecoder (top-K with 3-D NMS, back to sensor metres) → named outputs
+
+Inputs are listed as :class:`TensorSpec` rows too (:meth:`DeployableModel.input_specs`): ``image``
+for a model with an image encoder, ``points`` / ``point_mask`` (/ ``point_normals`` when the point
+encoder takes normals as features) for one with a point encoder, both for an image + point model;
+``forward`` takes them positionally in that order.
+
 Outputs are listed as :class:`TensorSpec` rows (name, dtype, shape, kind). A new head adds a
 decoder with its own rows; metadata, the parity check, Triton configs and the station read
 the rows, never a hard-coded list.
@@ -19,7 +28,9 @@ from torch import Tensor, nn
 
 from lineside.export.checkpoint import LoadedModel
 from lineside.fusion.box_decoder import BoxDecoder
+from lineside.fusion.grasp_decoder import GraspDecoder
 from lineside.fusion.postprocess import dihedral_views
+from lineside.pointcloud.cloud_normalizer import CloudNormalizer
 from lineside.vision.preprocess import FramePreprocessor
 
 __all__ = ["TensorSpec", "GradeDecoder", "DeployableModel", "build_deployable", "parse_size"]
@@ -36,6 +47,8 @@ class TensorSpec:
         kind: ``"float"`` (compared by max |Δ| in parity checks), ``"decoded"`` (discrete
             decisions, compared by agreement) or ``"input"``.
         description: what it holds.
+        atol: parity tolerance of a float output in its own units, when the precision's default
+            does not fit them (grasp positions in metres: 1 mm); the larger of the two applies.
     """
 
     name: str
@@ -43,10 +56,13 @@ class TensorSpec:
     shape: tuple
     kind: str
     description: str = ""
+    atol: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if d["atol"] is None:  # the precision's tolerance applies
+            del d["atol"]
         return d
 
 
@@ -98,11 +114,11 @@ class FixedTextEncoding(nn.Module):
 
 
 class DeployableModel(nn.Module):
-    """uint8 frames in, named decoded outputs out (a tuple in :meth:`output_names` order).
+    """uint8 frames and/or padded clouds in, named decoded outputs out (a tuple in :meth:`output_names` order).
 
     Decoders follow the model's heads: a :class:`GradeDecoder` when it has a grading head, then a
-    :class:`BoxDecoder` when it has a localization head; the outputs are the concatenation of their
-    rows, in that order.
+    :class:`BoxDecoder` when it has a localization head, then a :class:`GraspDecoder` when it has a
+    grasp head; the outputs are the concatenation of their rows, in that order.
 
     Args:
         model: an ``InspectionModel`` or ``InspectionEnsemble`` (returns ``grade_logits`` and/or
@@ -116,11 +132,20 @@ class DeployableModel(nn.Module):
             token ids (no tokenizer at the station; one graph per prompt). ``""`` = no text.
         box_class_names: defect (box) class names, index = box label.
         top_k: boxes per frame (at most classes × heatmap cells).
+        num_points: P, the points per cloud the artefact takes (models with a point encoder;
+            the training ``num_points``).
+        grasp_top_k: K grasps per cloud (models with a grasp head).
+        grasp_nms_radius: grasps whose centres lie within this distance (m) of a better one are
+            suppressed.
 
     Shapes:
-        forward: image (N, C, H_in, W_in) uint8 → (grade_probs (N, K) float32, grade (N,) int64)
-        with a grading head, then (boxes (N, k, 4), box_scores (N, k), box_labels (N, k) int64,
-        defect_heatmap (N, 1, h, w)) with a localization head.
+        forward: the inputs of :meth:`input_specs` in order: image (N, C, H_in, W_in) uint8;
+        points (N, P, 3) float32 sensor metres, point_mask (N, P) bool, point_normals (N, P, 3)
+        float32 (when the point encoder takes normals) → (grade_probs (N, K) float32, grade (N,)
+        int64) with a grading head, then (boxes (N, k, 4), box_scores (N, k), box_labels (N, k)
+        int64, defect_heatmap (N, 1, h, w)) with a localization head, then (grasp_position
+        (N, K, 3), grasp_approach (N, K, 3), grasp_closing (N, K, 3), grasp_width (N, K),
+        grasp_score (N, K)) in sensor metres with a grasp head.
     """
 
     def __init__(
@@ -134,6 +159,9 @@ class DeployableModel(nn.Module):
         text_prompt: str | None = None,
         box_class_names: Sequence[str] | None = None,
         top_k: int = 100,
+        num_points: int = 1024,
+        grasp_top_k: int = 5,
+        grasp_nms_radius: float = 0.01,
     ) -> None:
         super().__init__()
         self.model = model
@@ -143,7 +171,20 @@ class DeployableModel(nn.Module):
         self.tta_views = tta_views
         if tta_views > 1 and self.train_size[0] != self.train_size[1]:
             raise ValueError(f"test-time views need a square training size, got {self.train_size}")
-        self.preprocess = FramePreprocessor(self.train_size)
+        self.has_image = not hasattr(model, "image_encoder") or model.image_encoder is not None  # ensembles: image models
+        point_encoder = getattr(model, "point_encoder", None)
+        self.num_points = int(num_points) if point_encoder is not None else None
+        self.point_features = None
+        self.normalizer = None
+        if point_encoder is not None:
+            if tta_views > 1:
+                raise ValueError("test-time views are image flips; a model with a point encoder runs one view (tta_views=1)")
+            in_features = int(getattr(point_encoder, "in_features", 0))
+            if in_features not in (0, 3):
+                raise ValueError(f"the point encoder takes {in_features} features per point; deployable models feed normals (3) or none")
+            self.point_features = "normals" if in_features == 3 else None
+            self.normalizer = CloudNormalizer()
+        self.preprocess = FramePreprocessor(self.train_size) if self.has_image else None
         self.class_names = list(class_names or [str(i) for i in range(model.num_grades)])
         self.grade_decoder = GradeDecoder(model.num_grades, tta_views) if model.num_grades > 0 else None
         head = getattr(model, "localization_head", None)
@@ -154,8 +195,9 @@ class DeployableModel(nn.Module):
             cells = head.num_classes * -(-self.train_size[0] // int(stride)) * -(-self.train_size[1] // int(stride))
             self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views)
             self.box_class_names = self.box_class_names or [str(i) for i in range(head.num_classes)]
-        if self.grade_decoder is None and self.box_decoder is None:
-            raise ValueError("the model has neither a grading nor a localization head: nothing to deploy")
+        self.grasp_decoder = GraspDecoder(grasp_top_k, grasp_nms_radius) if getattr(model, "grasp_head", None) is not None else None
+        if self.grade_decoder is None and self.box_decoder is None and self.grasp_decoder is None:
+            raise ValueError("the model has no grading, localization or grasp head: nothing to deploy")
         text_encoder = getattr(model, "text_encoder", None)
         self.text_prompt = text_prompt if text_encoder is not None else None
         self.prompt = None
@@ -165,41 +207,81 @@ class DeployableModel(nn.Module):
             else:  # one model: bake the encoded prompt itself, MiniLM never runs at the station
                 self.prompt = FixedTextEncoding(text_encoder, text_prompt or "")
 
+    def input_specs(self) -> list[TensorSpec]:
+        """The inputs ``forward`` takes, in order."""
+        specs = []
+        if self.has_image:
+            h, w = self.input_size
+            specs.append(TensorSpec("image", "uint8", ("N", self.channels, h, w), "input", "camera frames, uint8, fixed size"))
+        if self.num_points is not None:
+            p = self.num_points
+            specs += [
+                TensorSpec("points", "float32", ("N", p, 3), "input",
+                           "clouds in sensor metres after outlier removal and voxel downsampling, sampled or padded to P points; "
+                           "centred and scaled inside the graph"),
+                TensorSpec("point_mask", "bool", ("N", p), "input", "True for real points, False for padding (any values there)"),
+            ]
+            if self.point_features == "normals":
+                specs.append(TensorSpec("point_normals", "float32", ("N", p, 3), "input",
+                                        "unit normals estimated on the host (open3d), oriented toward the sensor at the origin"))
+        return specs
+
     def input_spec(self) -> TensorSpec:
-        h, w = self.input_size
-        return TensorSpec("image", "uint8", ("N", self.channels, h, w), "input", "camera frames, uint8, fixed size")
+        """The first input (``image`` for image models)."""
+        return self.input_specs()[0]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.input_specs()]
 
     def output_specs(self) -> list[TensorSpec]:
-        return [spec for d in (self.grade_decoder, self.box_decoder) if d is not None for spec in d.outputs()]
+        return [spec for d in (self.grade_decoder, self.box_decoder, self.grasp_decoder) if d is not None for spec in d.outputs()]
 
     @property
     def output_names(self) -> list[str]:
         return [s.name for s in self.output_specs()]
 
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        x = self.preprocess(image)
-        if self.tta_views > 1:
-            x = dihedral_views(x, self.tta_views)
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        if len(inputs) != len(self.input_specs()):
+            raise ValueError(f"DeployableModel takes {self.input_names}, got {len(inputs)} tensors")
+        named = dict(zip(self.input_names, inputs))
+        x = like = None
+        if self.has_image:
+            x = self.preprocess(named["image"])
+            if self.tta_views > 1:
+                x = dihedral_views(x, self.tta_views)
+            like = x
+        kwargs: dict = {}
+        center = scale = None
+        if self.normalizer is not None:
+            mask = named["point_mask"].to(torch.bool)
+            points, center, scale = self.normalizer(named["points"], mask)
+            kwargs = {"points": points, "point_mask": mask}
+            if self.point_features == "normals":
+                normals = named["point_normals"].float()
+                kwargs["point_features"] = torch.where(mask.unsqueeze(-1), normals, torch.zeros_like(normals))
+            like = points if like is None else like
         if self.prompt is not None:
-            out = self.model(x, text=self.prompt(x))
-        else:
-            out = self.model(x)
-        return self.decode(out)
+            kwargs["text"] = self.prompt(like)
+        out = self.model(x, **kwargs) if x is not None else self.model(**kwargs)
+        return self.decode(out, center, scale)
 
-    def decode(self, out) -> tuple[Tensor, ...]:
+    def decode(self, out, center: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, ...]:
         """The model's raw ``InspectionOutput`` (of ``tta_views`` · N rows) → the outputs in
-        :meth:`output_names` order."""
+        :meth:`output_names` order; ``center`` (N, 3) and ``scale`` (N,) map grasps to sensor metres."""
         outputs: tuple[Tensor, ...] = ()
         if self.grade_decoder is not None:
             outputs += tuple(self.grade_decoder(out.grade_logits))
         if self.box_decoder is not None:
             outputs += tuple(self.box_decoder(out.localization))
+        if self.grasp_decoder is not None:
+            outputs += tuple(self.grasp_decoder.decode(out.grasp, center, scale))
         return outputs
 
     @torch.inference_mode()
-    def run(self, image: Tensor) -> dict[str, Tensor]:
+    def run(self, *inputs: Tensor) -> dict[str, Tensor]:
         """Eager convenience: named outputs as a dict."""
-        return dict(zip(self.output_names, self(image)))
+        return dict(zip(self.output_names, self(*inputs)))
 
 
 def parse_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -225,9 +307,15 @@ def parse_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None
 
 def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None = None, tta_views: int | None = None,
                      text_prompt: str | None = None) -> DeployableModel:
-    """The deployable module of a loaded checkpoint (eval mode, on the CPU)."""
+    """The deployable module of a loaded checkpoint (eval mode, on the CPU).
+
+    A model with a point encoder takes the checkpoint's recorded ``num_points`` (its ``points``
+    preprocessing record) and runs one view."""
     train = (loaded.image_size, loaded.image_size)
     size = parse_size(input_size) if not isinstance(input_size, tuple) else input_size
+    points = dict(getattr(loaded, "points", None) or {})
+    if getattr(loaded.model, "point_encoder", None) is not None:
+        tta_views = 1
     return DeployableModel(
         loaded.model.eval(),
         train_size=train,
@@ -237,4 +325,7 @@ def build_deployable(loaded: LoadedModel, input_size: Sequence[int] | str | None
         class_names=loaded.class_names,
         text_prompt=text_prompt,
         box_class_names=getattr(loaded, "box_class_names", None),
+        num_points=int(points.get("num_points") or 1024),
+        grasp_top_k=int(points.get("grasp_top_k") or 5),
+        grasp_nms_radius=float(points.get("grasp_nms_radius") or 0.01),
     ).eval()

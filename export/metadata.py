@@ -55,6 +55,7 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         norm = {"input_norm": enc.input_norm, "scale": enc.scale.flatten().tolist(), "shift": enc.shift.flatten().tolist(),
                 "formula": "x * scale + shift, x in 0..255 (inside the graph)"}
     outputs = [s.to_dict() for s in deployable.output_specs()]
+    inputs = [s.to_dict() for s in (deployable.input_specs() if hasattr(deployable, "input_specs") else [deployable.input_spec()])]
     source = getattr(loaded, "source", "") or ""
     meta = {
         "format": fmt,
@@ -64,9 +65,9 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         "task": "+".join(getattr(loaded, "tasks", None) or ["grading"]),
         "class_names": list(deployable.class_names),
         "box_class_names": list(getattr(loaded, "box_class_names", None) or []),
-        "inputs": [deployable.input_spec().to_dict()],
+        "inputs": inputs,
         "outputs": outputs,
-        "dynamic_axes": {s["name"]: {"0": "N"} for s in [deployable.input_spec().to_dict(), *outputs]},
+        "dynamic_axes": {s["name"]: {"0": "N"} for s in [*inputs, *outputs]},
         "preprocessing": {
             "input": "uint8 (N, C, H, W) frames, decoded outside, everything after inside the model",
             "input_size": list(deployable.input_size),
@@ -81,8 +82,30 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         "training_config": getattr(loaded, "training_config", {}) or {"model": getattr(loaded, "config", {})},
         "versions": package_versions(),
     }
+    points = _points_preprocessing(deployable, loaded)
+    if points is not None:
+        meta["points"] = points
     meta.update(extra)
     return meta
+
+
+def _points_preprocessing(deployable: Any, loaded: Any) -> dict | None:
+    """How clouds are prepared for a model with a point encoder (host side, then inside the graph); None otherwise."""
+    if getattr(deployable, "num_points", None) is None:
+        return None
+    from lineside.export.point_inputs import PointPreprocessing
+
+    prep = PointPreprocessing.from_loaded(loaded, deployable)
+    return {
+        **prep.to_dict(),
+        "host": "read (.ply/.pcd/.xyz/.npy, or depth image + intrinsics) → drop NaN/inf → [crop to workspace] → statistical "
+                "outlier removal → voxel downsample → normals (oriented toward the sensor at the origin) → sample or zero-pad "
+                "to num_points (lineside.export.point_inputs)",
+        "graph": "center = centroid of the real points, scale = largest distance from it; normalized = (points - center) / "
+                 "scale inside the graph; grasp outputs go back to sensor metres inside the graph",
+        "top_k": deployable.grasp_decoder.top_k if deployable.grasp_decoder is not None else None,
+        "nms_radius_m": deployable.grasp_decoder.nms_radius if deployable.grasp_decoder is not None else None,
+    }
 
 
 def metadata_path(artefact: str | os.PathLike) -> Path:

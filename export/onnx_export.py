@@ -12,6 +12,16 @@ onnxslim. After every export the graph is run by ONNX Runtime on real images (EL
 the installed package, or ``--calib DIR``) against the eager model: max |Δ| of every float
 output and agreement of every decoded output; a failing check exits non-zero. The graph is
 also checked for operators TensorRT's ONNX parser lacks.
+
+A model with a point encoder and a grasp head takes ``points`` float32 (N, P, 3) in sensor metres,
+``point_mask`` bool (N, P) (and ``point_normals`` float32 (N, P, 3) when its encoder takes normals)
+and returns ``grasp_position`` / ``grasp_approach`` / ``grasp_closing`` (N, K, 3), ``grasp_width`` /
+``grasp_score`` (N, K) in sensor metres; centring, scaling and top-K decoding are in the graph.
+Its parity check runs on real clouds (the workshop tools' scans in ``../shared/data/workshop_tools``,
+or ``--calib DIR`` of .ply/.pcd/.npy clouds in metres), prepared as in training
+(:mod:`export.point_inputs`): grasp positions within 1 mm, the other outputs to float noise.
+
+    lineside export onnx --ckpt runs/parts_grasp/checkpoints/best.ckpt --out export/grasp
 """
 
 from __future__ import annotations
@@ -84,11 +94,11 @@ class _HalfCompute(torch.nn.Module):
             if hasattr(m, "normalize") and isinstance(getattr(m, "backbone", None), torch.nn.Module):
                 m.backbone.register_forward_pre_hook(_to_half)
 
-    def forward(self, image: torch.Tensor):
+    def forward(self, *inputs: torch.Tensor):  # positional, like DeployableModel (image models only: fp16 point graphs are refused)
         from lineside.fusion.postprocess import dihedral_views
 
         d = self.d
-        x = d.preprocess(image)
+        x = d.preprocess(inputs[0])
         if d.tta_views > 1:
             x = dihedral_views(x, d.tta_views)
         kwargs = {}
@@ -109,22 +119,44 @@ def _to_float(obj):
     return obj
 
 
+def example_inputs(deployable: DeployableModel, n: int = 2) -> tuple[torch.Tensor, ...]:
+    """Random inputs in :meth:`DeployableModel.input_specs` order (frames; clouds with some padding)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for spec in deployable.input_specs():
+        shape = (n, *spec.shape[1:])
+        if spec.name == "image":
+            out.append(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g))
+        elif spec.name == "point_mask":
+            mask = torch.ones(shape, dtype=torch.bool)
+            mask[0, shape[1] // 2 :] = False
+            out.append(mask)
+        elif spec.name == "point_normals":
+            out.append(torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1))
+        else:
+            out.append(torch.rand(shape, generator=g) * 0.1 + torch.tensor([0.0, 0.0, 0.4]))
+    return tuple(out)
+
+
 def onnx_graph(deployable: DeployableModel, path: str | os.PathLike, opset: int = OPSET, fp16: bool = False, simplify: bool = True) -> Path:
     """Export ``deployable`` to ``path`` (dynamo exporter, dynamic batch ``N``), simplified with onnxslim."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fp16 and deployable.num_points is not None:
+        raise ValueError("fp16 graphs of point models are not supported (farthest-point sampling and grasp positions need "
+                         "fp32 distances); export fp32 (and build TensorRT engines with --precision fp32)")
     module = _HalfCompute(deployable) if fp16 else deployable
-    c, (h, w) = deployable.channels, deployable.input_size
-    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8)
+    example = example_inputs(deployable)
+    names = deployable.input_names
     batch = torch.export.Dim("N", min=1, max=4096)
     tmp = path.with_name(path.name + ".raw.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(tmp), dynamo=True, opset_version=opset, input_names=["image"],
-            output_names=deployable.output_names, dynamic_shapes={"image": {0: batch}}, external_data=False,
+            module, example, str(tmp), dynamo=True, opset_version=opset, input_names=names,
+            output_names=deployable.output_names, dynamic_shapes=(tuple({0: batch} for _ in names),), external_data=False,
             optimize=True, verbose=False,
         )
     model = onnx.load(str(tmp))
@@ -182,7 +214,7 @@ def export_onnx(
     write_metadata(meta, path)
     result = ExportResult(path, meta, None, bad_ops)
     if parity_images:
-        images, _ = real_images(calib, deployable.input_size, deployable.channels, parity_images)
+        images = parity_inputs(deployable, loaded, calib, parity_images)
         reference = TorchBackend(deployable=deployable, loaded=loaded)
         candidate = OnnxRuntimeBackend(path)
         result.parity = check_parity(reference, candidate, images, precision, batch_size=max(1, min(8, len(images))))
@@ -191,6 +223,22 @@ def export_onnx(
     result.metadata = meta
     result.seconds = time.perf_counter() - start
     return result
+
+
+def parity_inputs(deployable: DeployableModel, loaded: LoadedModel, calib: str | os.PathLike | None, n: int):
+    """Real inputs for a parity check: frames (``real_images``), or for a point model real clouds
+    prepared as in training (:func:`export.point_inputs.real_clouds`), with frames beside them for an
+    image + point model."""
+    if deployable.num_points is None:
+        return real_images(calib, deployable.input_size, deployable.channels, n)[0]
+    from lineside.export.point_inputs import PointPreprocessing, real_clouds
+
+    clouds, _ = real_clouds(calib, PointPreprocessing.from_loaded(loaded, deployable), n)
+    if deployable.has_image:  # no registered real RGB-D set ships: ELPV frames stand beside the clouds
+        frames, _ = real_images(None, deployable.input_size, deployable.channels, len(clouds["points"]))
+        m = min(len(frames), len(clouds["points"]))
+        clouds = {"image": frames[:m], **{k: v[:m] for k, v in clouds.items()}}
+    return clouds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="fp16 weights and compute (uint8 in, fp32 outputs)")
     ap.add_argument("--opset", type=int, default=OPSET)
     ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="test-time views in the graph (default: as trained)")
-    ap.add_argument("--calib", default=None, help="folder / glob / CSV of your own images for the parity check (default: ELPV cells)")
+    ap.add_argument("--calib", default=None, help="folder / glob / CSV of your own images for the parity check (default: ELPV cells); "
+                    "point models: a folder / glob of .ply/.pcd/.npy clouds in metres (default: the workshop tools' scans)")
     ap.add_argument("--parity-images", type=int, default=32)
     ap.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     ap.add_argument("--text", default=None, help="models with a text encoder: the prompt baked into the graph (default: no text)")

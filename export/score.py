@@ -3,6 +3,10 @@
     lineside score --model runs/el_grading/checkpoints/best.ckpt --input /data/cells --output results.csv
     lineside score --model best.ckpt --input "lines/*/cam0/*.png" --output results.parquet --overlays overlays/
     lineside score --model export/quickstart/model.onnx --input /data/cells --output results.csv
+    lineside score --model export/grasp/model.onnx --input scans/ --output grasps.csv --overlays ov/   # point clouds → grasps
+
+A model that takes point clouds (``.ply``/``.pcd``/``.xyz``/``.npy``, or depth images with intrinsics)
+scores them with :mod:`export.point_score`: one row per file with a ``grasps`` JSON column.
 
 ``--model`` takes a checkpoint or any exported artefact (``.onnx``, ``.pt2``, ``.engine``, an
 export folder). Files are decoded to uint8 outside the model and everything after runs inside
@@ -282,6 +286,7 @@ def score(
     progress: bool = True,
     backend: str = "auto",
     input_size: str | tuple[int, int] | None = None,
+    intrinsics: str | os.PathLike | None = None,
 ) -> ScoreSummary:
     """Score inputs with a model (checkpoint, artefact or backend) and write/resume ``output`` (.csv or .parquet).
 
@@ -293,6 +298,10 @@ def score(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     runner = open_model(model, backend, device, input_size, tta_views)
+    if runner.takes_points:  # point clouds / depth images → grasps: export/point_score.py
+        from lineside.export.point_score import score_points
+
+        return score_points(runner, inputs, output, overlays, batch_size, num_workers, retry_errors, progress, intrinsics)
     class_names = runner.class_names
     paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
@@ -423,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch, onnxruntime, aoti, tensorrt")
     ap.add_argument("--input-size", default=None, help="checkpoints: HxW of the frames the model takes (default: the training size)")
     ap.add_argument("--text", default=None, help="checkpoints with a text encoder: one prompt for every image (cell type, product …)")
+    ap.add_argument("--intrinsics", default=None, help="point models: pinhole intrinsics JSON for depth-image inputs "
+                    "(default: <stem>.json or intrinsics.json beside each image)")
     ap.add_argument("--retry-errors", action="store_true", help="on resume, score again the rows that had errors")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -432,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta, a.text)
         if labelled:  # bad labels are reported before any scoring
             labelled = _manifest_labels(Path(a.input), runner.class_names) is not None
-        s = score(runner, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress)
+        s = score(runner, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress,
+                  intrinsics=a.intrinsics)
     except (InputError, RuntimeError, FileNotFoundError, ValueError) as exc:
         print(f"lineside score: error: {exc}", file=sys.stderr)
         return 2

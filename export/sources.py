@@ -162,9 +162,15 @@ class Source:
         spec: what was asked for (folder, glob, URL).
         live: frames that are not taken in time are lost (stream, camera): when the station
             falls behind, new frames are dropped (and recorded as such) rather than waited for.
+        reader: file sources: ``reader(path)`` decodes a file instead of ``read_image`` (a point
+            model's station sets it to read and prepare clouds; the frame's ``image`` is then
+            what it returns).
+        extensions: file sources: the suffixes a folder watch hands over (None = image files).
     """
 
     live = False
+    reader: Callable[[str], object] | None = None
+    extensions: tuple[str, ...] | None = None
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -183,14 +189,15 @@ class Source:
 # files
 
 
-def _file_loader(path: str, channels: int, snapshot: tuple[int, int] | None, settle: float, retries: int = 3) -> Callable[[], np.ndarray]:
-    """Decode ``path``; if decoding fails while the file is still changing, wait until it settles and retry."""
+def _file_loader(path: str, channels: int, snapshot: tuple[int, int] | None, settle: float, retries: int = 3,
+                 reader: Callable[[str], object] | None = None) -> Callable[[], np.ndarray]:
+    """Decode ``path`` (with ``reader`` when given); if decoding fails while the file is still changing, wait until it settles and retry."""
 
     def load() -> np.ndarray:
         seen = snapshot
         for attempt in range(retries + 1):
             try:
-                return read_image(path, channels)
+                return reader(path) if reader is not None else read_image(path, channels)
             except ImageReadError:
                 if attempt == retries:
                     raise
@@ -227,7 +234,7 @@ class GlobSource(Source):
         for i, path in enumerate(self.paths):
             if stop.is_set():
                 return
-            yield Frame(self.spec, i, path, loader=_file_loader(path, channels, None, 0.0, retries=0))
+            yield Frame(self.spec, i, path, loader=_file_loader(path, channels, None, 0.0, retries=0, reader=self.reader))
 
 
 class FolderSource(Source):
@@ -292,7 +299,7 @@ class FolderSource(Source):
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
-                if is_ignored_name(name) or not is_image_file(name):
+                if is_ignored_name(name) or not self._accepts(name):
                     continue
                 p = os.path.join(dirpath, name)
                 try:
@@ -302,9 +309,12 @@ class FolderSource(Source):
                 found[os.path.abspath(p)] = st
         return found
 
+    def _accepts(self, name: str) -> bool:
+        return is_image_file(name) if self.extensions is None else name.lower().endswith(self.extensions)
+
     def _wanted(self, path: str) -> bool:
         name = os.path.basename(path)
-        if is_ignored_name(name) or not is_image_file(name):
+        if is_ignored_name(name) or not self._accepts(name):
             return False
         rel = os.path.relpath(path, self.root)
         return not any(part.startswith(".") for part in Path(rel).parts[:-1])
@@ -399,7 +409,7 @@ class FolderSource(Source):
                         pending[path] = (key[0], key[1], looks, since)
                 for _, path, key in sorted(ready):
                     handed[path] = key[1]
-                    yield Frame(self.spec, count, path, loader=_file_loader(path, channels, key, self.settle))
+                    yield Frame(self.spec, count, path, loader=_file_loader(path, channels, key, self.settle, reader=self.reader))
                     count += 1
                     if stop.is_set():
                         return

@@ -25,6 +25,11 @@ loop. Every ``--report-every`` seconds p50/p99 latency and frames/s go to stderr
 at the end. SIGINT/SIGTERM: the batch in flight and the frames already arrived are finished and
 written, the summary printed, exit 0 (a second signal writes the frames still queued as errors
 and leaves).
+
+Point models (an artefact that takes ``points``): a folder or glob of ``.ply``/``.pcd``/``.xyz``/``.npy``
+clouds in metres (or depth images with ``<stem>.json`` / ``intrinsics.json`` intrinsics beside them),
+each prepared as in training (:mod:`export.point_inputs`); the records carry ``grasps`` (best first,
+``position`` [x, y, z] m, ``approach``, ``closing``, ``width`` m, ``score``) in the cloud's sensor frame.
 """
 
 from __future__ import annotations
@@ -314,6 +319,10 @@ class ResultDecoder:
         self.class_names = backend.class_names
         specs = backend.output_specs
         names = [s["name"] for s in specs]
+        self.grasps = "grasp_position" in names  # grasp outputs become one "grasps" list per frame
+        if self.grasps:
+            names = [n for n in names if not n.startswith("grasp_")]
+            specs = [s for s in specs if s["name"] in names]
         self.probs = "grade_probs" if "grade_probs" in names else None
         if self.probs is None:
             for s in specs:
@@ -343,6 +352,10 @@ class ResultDecoder:
                     extra[name] = np.round(v.astype(np.float64), 6).tolist() if v.dtype.kind == "f" else v.tolist()
             if extra:
                 row["outputs"] = extra
+            if self.grasps:
+                from lineside.export.point_inputs import grasps_from_outputs
+
+                row["grasps"] = grasps_from_outputs(outputs, i)
             rows.append(row)
         return rows
 
@@ -396,6 +409,14 @@ class Station:
         self.timer = BatchTimer()
         self.stats = LatencyStats()
         self.decode = ResultDecoder(backend)
+        self.points = backend.takes_points
+        if self.points:  # clouds (or depth images) → prepared arrays, read by the source's decode threads
+            from lineside.export.point_inputs import CLOUD_INPUT_EXTENSIONS, DEPTH_EXTENSIONS, PointPreprocessing
+
+            if backend.takes_image:
+                raise ValueError(f"{backend.describe()} takes frames and clouds together; the station feeds one or the other")
+            source.reader = PointPreprocessing.from_metadata(backend.metadata).load
+            source.extensions = CLOUD_INPUT_EXTENSIONS + DEPTH_EXTENSIONS
         self._stop = threading.Event()
         self._abort = False
         self.stopped_by: str | None = None
@@ -425,9 +446,13 @@ class Station:
     def warmup(self) -> None:
         """Run blank batches of 1 and ``batch_max`` frames; their times seed the expected batch times."""
         sizes = sorted({1, self.batch_max})
-        h, w = self.backend.input_size
+        if self.points:
+            blank = {k: v[0] for k, v in self.backend.blank_inputs(1).items()}
+        else:
+            h, w = self.backend.input_size
+            blank = np.zeros((h, w, self.backend.channels), dtype=np.uint8)
         for n in sizes:
-            frames = [np.zeros((h, w, self.backend.channels), dtype=np.uint8)] * n
+            frames = [blank] * n
             self._infer(frames)  # first call: allocation, compilation, autotuning
             times = []
             for _ in range(2):
@@ -436,7 +461,11 @@ class Station:
                 times.append(time.perf_counter() - t)
             self.timer.update(n, min(times))
 
-    def _infer(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, images: list) -> dict[str, np.ndarray]:
+        if self.points:
+            from lineside.export.point_inputs import stack_inputs
+
+            return self.backend(stack_inputs(images))
         return self.backend(frames_to_batch(images, self.backend.input_size))
 
     # -- producing ---------------------------------------------------------------------------
@@ -450,7 +479,7 @@ class Station:
         pool = ThreadPoolExecutor(self.decoders, thread_name_prefix="station-decode") if self.decoders else None
         gate = threading.Semaphore(self.queue.maxsize + self.decoders)
         try:
-            for frame in self.source.frames(self.backend.channels, self._stop):
+            for frame in self.source.frames(1 if self.points else self.backend.channels, self._stop):
                 if frame.loader is not None and pool is not None:
                     while not gate.acquire(timeout=0.1):
                         if self.queue.closed:
@@ -523,6 +552,8 @@ class Station:
                 record |= res | {"latency_ms": round(latency, 3), "error": None}
             else:
                 record |= {"decision": None, "grade": None, "confidence": None, "probabilities": None}
+                if self.decode.grasps:
+                    record["grasps"] = None
                 record |= {"latency_ms": round(latency, 3), "error": res if isinstance(res, str) else (f.error or "frame has no image")}
                 errors += 1
                 dropped += f.dropped
@@ -691,10 +722,14 @@ def main(argv: list[str] | None = None) -> int:
         holder["station"] = station
         if holder["signal"]:
             station.stop(holder["signal"])
-        c, (h, w) = backend.channels, backend.input_size
+        if backend.takes_points:
+            what = f"clouds of {backend.num_points} points → grasps"
+        else:
+            c, (h, w) = backend.channels, backend.input_size
+            what = f"input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}"
         resumed = f", {len(done)} files already recorded" if done and isinstance(source, FolderSource) else ""
         print(
-            f"station: {backend.describe()} on {a.device}, input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}; "
+            f"station: {backend.describe()} on {a.device}, {what}; "
             f"source {source.describe()}{resumed}; batch <= {station.batch_max}, latency budget {a.latency_budget_ms:g} ms → {a.out}",
             file=sys.stderr,
             flush=True,

@@ -638,15 +638,21 @@ class TensorRTBackend(Backend):
         self.stream = torch.cuda.Stream(self.torch_device)
 
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_named({self.input_names[0]: image})
+
+    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.cuda.device(self.torch_device):
-            x = torch.from_numpy(image).to(self.torch_device, non_blocking=True)
-            name = self.input_names[0]
-            if x.dtype != self._dtypes[name]:
-                x = x.to(self._dtypes[name])
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
+            keep = []  # the input tensors stay alive until the engine has run
+            for name in self.input_names:
+                x = torch.from_numpy(inputs[name]).to(self.torch_device, non_blocking=True)
+                if x.dtype != self._dtypes[name]:
+                    x = x.to(self._dtypes[name])
+                x = x.contiguous()
+                keep.append(x)
+                self.context.set_input_shape(name, tuple(x.shape))
+                self.context.set_tensor_address(name, x.data_ptr())
             outs = {}
             for n in self.engine_outputs:
                 shape = tuple(self.context.get_tensor_shape(n))

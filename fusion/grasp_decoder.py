@@ -47,7 +47,8 @@ class GraspDecoder(nn.Module):
 
         k = self.top_k
         return [
-            TensorSpec("grasp_position", "float32", ("N", k, 3), "float", "grasp centres between the contacts, sensor frame (m), best first"),
+            TensorSpec("grasp_position", "float32", ("N", k, 3), "float", "grasp centres between the contacts, sensor frame (m), best first",
+                       atol=1e-3),  # parity: within 1 mm
             TensorSpec("grasp_approach", "float32", ("N", k, 3), "float", "unit approach directions (palm to fingertips)"),
             TensorSpec("grasp_closing", "float32", ("N", k, 3), "float", "unit closing directions (finger to finger, sign arbitrary), perpendicular to approach"),
             TensorSpec("grasp_width", "float32", ("N", k), "float", "gripper opening (m)"),

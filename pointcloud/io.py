@@ -153,6 +153,48 @@ def _split_columns(array: np.ndarray, name: str, extra: str) -> PointCloud:
     return PointCloud(points, normals, colors, name)
 
 
+_PLY_SIZES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def _ply_truncation(path: Path) -> str:
+    """Why a PLY file holds fewer vertices than its header declares ('' when it holds them all or cannot tell).
+
+    open3d's reader fills vertices missing from a truncated file with uninitialised memory instead of
+    failing, so the vertex data is counted here first: text lines for ASCII files, bytes for binary
+    files whose vertex element comes first and has fixed-size properties.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+        end = head.find(b"end_header")
+        if not head.startswith(b"ply") or end < 0:
+            return ""  # not a PLY at all: open3d reads no points and says so
+        lines = head[:end].decode("ascii", "replace").splitlines()
+        fmt, count, sizes, first = "", 0, [], None
+        for line in lines:
+            words = line.split()
+            if words[:1] == ["format"] and len(words) > 1:
+                fmt = words[1]
+            elif words[:1] == ["element"] and len(words) == 3:
+                first = words[1] if first is None else first
+                element = words[1]
+                if element == "vertex":
+                    count = int(words[2]) if words[2].isdigit() else 0
+            elif words[:1] == ["property"] and first == "vertex" and element == "vertex":
+                sizes.append(_PLY_SIZES.get(words[1], -1) if words[1] != "list" else -1)
+        start = end + len(b"end_header")
+        fh.seek(start)
+        body = fh.read()
+    body = body.lstrip(b"\r")
+    body = body[1:] if body.startswith(b"\n") else body
+    if fmt == "ascii":
+        rows = sum(1 for line in body.splitlines() if line.strip())
+        return f"{rows} data lines for {count} vertices" if rows < count else ""
+    if first == "vertex" and sizes and min(sizes) > 0 and len(body) < count * sum(sizes):
+        return f"{len(body)} bytes of vertex data for {count} vertices of {sum(sizes)} bytes"
+    return ""
+
+
 def read_point_cloud(path: str | os.PathLike, *, scale: float = 1.0, extra: str = "auto") -> PointCloud:
     """Read ``.ply``/``.pcd`` (open3d), ``.xyz`` (text, 3/6/9 columns) or ``.npy`` ((N, 3|6|9)).
 
@@ -195,6 +237,10 @@ def read_point_cloud(path: str | os.PathLike, *, scale: float = 1.0, extra: str 
             raise PointCloudReadError(f"{name}: the point cloud is empty (0 points)")
         cloud = _split_columns(array, name, extra)
     else:
+        if suffix == ".ply":
+            problem = _ply_truncation(p)
+            if problem:  # open3d would hand back the missing vertices as uninitialised memory
+                raise PointCloudReadError(f"{name}: truncated or corrupt .ply file ({problem})")
         with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
             pcd = o3d.io.read_point_cloud(str(p), remove_nan_points=False, remove_infinite_points=False)
         if len(pcd.points) == 0:

@@ -105,6 +105,11 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "corrupt.ply").write_text("this is not a ply file\n")
     with pytest.raises(PointCloudReadError, match=r"corrupt\.ply: no points could be read"):
         read_point_cloud(tmp_path / "corrupt.ply")
+    good = tmp_path / "good.ply"
+    assert o3d.io.write_point_cloud(str(good), _o3d_cloud(np.random.default_rng(0).normal(size=(50, 3))), write_ascii=True)
+    (tmp_path / "cut.ply").write_bytes(good.read_bytes()[:-300])  # open3d alone fills the missing vertices with garbage
+    with pytest.raises(PointCloudReadError, match=r"cut\.ply: truncated or corrupt \.ply file \(\d+ data lines for 50 vertices\)"):
+        read_point_cloud(tmp_path / "cut.ply")
     (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(PointCloudReadError, match=r"corrupt\.npy"):
         read_point_cloud(tmp_path / "corrupt.npy")
