@@ -116,8 +116,9 @@ class GraspViewConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-#: enters every cache key; bumped when rendering or labelling changes (2: contacts are the pads' first touch)
-LABEL_VERSION = 2
+#: enters every cache key; bumped when rendering or labelling changes (2: contacts are the pads' first touch;
+#: 3: pad rays 1 mm apart, so thin parts cannot slip between them)
+LABEL_VERSION = 3
 
 
 def _mesh_ref(**ref: Any) -> str:
@@ -178,8 +179,19 @@ def _build_sample(mesh_world: o3d.geometry.TriangleMesh, cam_pose: np.ndarray, c
     ready = preprocess_cloud(cloud, cfg.num_points, voxel_size=cfg.voxel_size, normal_radius=cfg.normal_radius, min_points=16, rng=rng)
     world_to_cam = np.linalg.inv(cam_pose)
     mesh_cam = o3d.geometry.TriangleMesh(mesh_world).transform(world_to_cam)
-    g = antipodal_grasps(mesh_cam, cfg.gripper, mu=cfg.mu, num_samples=cfg.num_samples, num_approaches=cfg.num_approaches, seed=seed)
-    g = g[visible_grasps(g, view.points_camera, cfg.min_approach_cos, cfg.visible_radius)][: cfg.max_grasps]
+    scene = GraspScene(mesh_cam)
+    g = antipodal_grasps(mesh_cam, cfg.gripper, mu=cfg.mu, num_samples=cfg.num_samples, num_approaches=cfg.num_approaches,
+                         seed=seed, recheck=False)
+    g = g[visible_grasps(g, view.points_camera, cfg.min_approach_cos, cfg.visible_radius)]
+    keep: list[np.ndarray] = []  # the kept labels pass the full (fine pad-ray) check, best first
+    for start in range(0, len(g), cfg.max_grasps):
+        part = g[start : start + cfg.max_grasps].copy()
+        ok, width, _, centre = evaluate_grasps(scene, part, cfg.gripper, cfg.mu)
+        part[:, 0:3], part[:, 9] = np.where(ok[:, None], centre, part[:, 0:3]), np.where(ok, width, part[:, 9])
+        keep.append(part[ok])
+        if sum(map(len, keep)) >= cfg.max_grasps:
+            break
+    g = np.concatenate(keep)[: cfg.max_grasps] if keep else g[:0]
     t = ready.transform
     gn = g.copy()
     gn[:, 0:3] = t.to_normalized(g[:, 0:3])

@@ -174,7 +174,9 @@ def test_workshop_tool_meshes_label(shared_data, tool):
     assert np.median(dist) < 0.01
     scene = GraspScene(mesh)
     ok, *_ = evaluate_grasps(scene, g[:100], GRIPPER)
-    assert ok.all()
+    # a label's centre is moved onto its contacts' midpoint, which shifts the 5 mm collision samples:
+    # a borderline label (a thin tip) may flip; nearly all pass again
+    assert ok.mean() >= 0.95
 
 
 @pytest.mark.parametrize("tool", TOOLS)
