@@ -75,7 +75,8 @@ def draw_grasp_overlay(points: np.ndarray, grasps: list[dict], target: Path, tit
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(projection="3d")
     if len(pts):
-        ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=1.5, c=pts[:, 2], cmap="viridis", alpha=0.6, linewidths=0)
+        ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=float(np.clip(2000 / len(pts), 1.5, 12)), c=pts[:, 2], cmap="viridis", alpha=0.7,
+                   linewidths=0)
     drawn = [pts] if len(pts) else []
     for rank, g in enumerate(grasps):
         colour = "red" if rank == 0 else "darkorange"
@@ -102,7 +103,7 @@ def draw_grasp_overlay(points: np.ndarray, grasps: list[dict], target: Path, tit
 
 
 def _overlay_target(path: str, out_dir: Path, root: str) -> Path:
-    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root else os.path.basename(path)
     target = out_dir / (rel if not rel.startswith("..") else os.path.basename(path))
     return target.with_name(target.name + ".png")  # part.ply → part.ply.png: a .ply and a .npy of one stem stay apart
 
@@ -151,7 +152,10 @@ def score_points(
             raise InputError(f"{inputs}: no point clouds or depth images found")
     else:
         paths = list(inputs)
-    root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
+    if isinstance(inputs, str) and os.path.isdir(inputs):
+        root = inputs
+    else:  # a glob or a list: overlays keep the paths below the inputs' common folder (tools/*/point-cloud.ply share a name)
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
 
     output.parent.mkdir(parents=True, exist_ok=True)
     parquet = output.suffix.lower() == ".parquet"
@@ -216,7 +220,8 @@ def score_points(
                 if overlay_dir is not None:
                     try:
                         draw_grasp_overlay(item["points"][item["point_mask"]], grasps, _overlay_target(path, overlay_dir, root),
-                                           f"{Path(path).name}: {len(grasps)} grasps" + (f", best {grasps[0]['score']:.2f}" if grasps else ""))
+                                           f"{os.path.relpath(path, root) if root else Path(path).name}: {len(grasps)} grasps"
+                                           + (f", best {grasps[0]['score']:.2f}" if grasps else ""))
                     except Exception as exc:  # noqa: BLE001 - an overlay never costs a result
                         log.warning("overlay of %s failed: %s", path, exc)
             writer.append(rows)

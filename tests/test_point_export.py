@@ -250,15 +250,21 @@ def test_score_writes_grasps_per_cloud_and_errors_per_row(exported, scan_folder,
     assert again.skipped == 6 and again.scored == 0 and len(_rows(out)) == 6
 
 
-def test_score_cli_on_the_checkpoint_with_eager_torch(ckpt, scan_folder, tmp_path, capsys):
+def test_score_cli_on_the_checkpoint_with_eager_torch(ckpt, tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    for tool in ("wrench", "pliers"):  # one file name per tool folder, as the workshop tools ship them
+        write_ply(tmp_path / "tools" / tool / "point-cloud.ply", box_cloud(rng))
     out = tmp_path / "g.parquet"
-    assert score_main(["--model", str(ckpt), "--backend", "torch", "--input", str(scan_folder / "good.ply"), "--output", str(out),
-                       "--no-progress"]) == 0
+    assert score_main(["--model", str(ckpt), "--backend", "torch", "--input", str(tmp_path / "tools" / "*" / "point-cloud.ply"),
+                       "--output", str(out), "--overlays", str(tmp_path / "ov"), "--no-progress"]) == 0
     import pyarrow.parquet as pq
 
-    (row,) = pq.read_table(out).to_pylist()
-    assert row["error"] == "" and row["num_grasps"] == len(json.loads(row["grasps"])) >= 1 and isinstance(row["points"], int)
-    assert "scored 1, errors 0" in capsys.readouterr().out
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 2 and all(r["error"] == "" and r["num_grasps"] == len(json.loads(r["grasps"])) >= 1 for r in rows)
+    assert all(isinstance(r["points"], int) for r in rows)
+    assert sorted(str(p.relative_to(tmp_path / "ov")) for p in (tmp_path / "ov").rglob("*.png")) == [
+        "pliers/point-cloud.ply.png", "wrench/point-cloud.ply.png"]  # same-named clouds keep their folders
+    assert "scored 2, errors 0" in capsys.readouterr().out
 
 
 def test_gripper_outline_puts_the_fingers_at_the_contacts():
