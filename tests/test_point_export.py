@@ -289,3 +289,28 @@ def test_station_on_a_folder_of_clouds(exported, scan_folder, tmp_path):
     # the station and score agree on a file
     ref = OnnxRuntimeBackend(exported)(stack_inputs([PointPreprocessing.from_metadata(backend.metadata).load(scan_folder / "good.ply")]))
     np.testing.assert_allclose(good["grasps"][0]["position"], ref["grasp_position"][0, 0], atol=1e-5)
+
+
+def test_image_and_point_model_takes_frames_and_clouds(tmp_path, clouds):
+    """An image + point model (both modalities in one fusion transformer) takes frames and clouds in one graph."""
+    import copy
+
+    from lineside.export.checkpoint import LoadedModel
+    from lineside.export.onnx_export import export_onnx
+
+    cfg = copy.deepcopy(MODEL)
+    cfg["init_args"]["image_encoder"] = {"class_path": "lineside.vision.ImageEncoder", "init_args": {
+        "backbone": "test_efficientnet", "embed_dim": D, "in_chans": 1, "feature_levels": [-1], "pretrained": False}}
+    cfg["init_args"]["fusion"]["init_args"]["modalities"] = {"image": 2, "points": 3}
+    torch.manual_seed(0)
+    model = instantiate_config(cfg).eval()
+    with torch.no_grad():
+        model.grasp_head.out.weight.mul_(8.0)
+    r = export_onnx(LoadedModel(model, [], 64, 1, points={"num_points": P}), tmp_path, calib=clouds, parity_images=4)
+    assert r.ok, r.parity.table()
+    assert [s["name"] for s in r.metadata["inputs"]] == ["image", "points", "point_mask", "point_normals"]
+    assert r.metadata["inputs"][0]["shape"] == ["N", 1, 64, 64] and [s["name"] for s in r.metadata["outputs"]] == GRASP_OUTPUTS
+    ort = OnnxRuntimeBackend(r.path)
+    x = {**stack_inputs([PointPreprocessing(num_points=P).load(clouds / "part0.ply")]), "image": np.zeros((1, 1, 64, 64), np.uint8)}
+    dark, bright = ort(x)["grasp_position"], ort({**x, "image": np.full((1, 1, 64, 64), 255, np.uint8)})["grasp_position"]
+    assert np.isfinite(dark).all() and not np.allclose(dark, bright)  # the image tokens reach the grasp head
