@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lineside.export.checkpoint import LoadedModel
 from lineside.fusion.box_decoder import BoxDecoder
+from lineside.fusion.grade_heatmap import GradeHeatmapDecoder, grade_heatmap_grid
 from lineside.fusion.grasp_decoder import GraspDecoder
 from lineside.fusion.postprocess import dihedral_views
 from lineside.pointcloud.cloud_normalizer import CloudNormalizer
@@ -45,7 +46,8 @@ class TensorSpec:
         dtype: numpy dtype name (``uint8``, ``float32``, ``int64``).
         shape: dims, ``"N"`` for the dynamic batch axis.
         kind: ``"float"`` (compared by max |Δ| in parity checks), ``"decoded"`` (discrete
-            decisions, compared by agreement) or ``"input"``.
+            decisions, compared by agreement), ``"box"`` / ``"box_score"`` / ``"box_label"``
+            (detections, compared as matched boxes: :mod:`export.parity`) or ``"input"``.
         description: what it holds.
         atol: parity tolerance of a float output in its own units, when the precision's default
             does not fit them (grasp positions in metres: 1 mm); the larger of the two applies.
@@ -137,12 +139,15 @@ class DeployableModel(nn.Module):
         grasp_top_k: K grasps per cloud (models with a grasp head).
         grasp_nms_radius: grasps whose centres lie within this distance (m) of a better one are
             suppressed.
+        grade_heatmap: a grading model on images also returns ``grade_heatmap`` (N, 1, h, w), the
+            grading head's class-activation map of the defective grades
+            (:class:`fusion.grade_heatmap.GradeHeatmapDecoder`), right after ``grade``.
 
     Shapes:
         forward: the inputs of :meth:`input_specs` in order: image (N, C, H_in, W_in) uint8;
         points (N, P, 3) float32 sensor metres, point_mask (N, P) bool, point_normals (N, P, 3)
         float32 (when the point encoder takes normals) → (grade_probs (N, K) float32, grade (N,)
-        int64) with a grading head, then (boxes (N, k, 4), box_scores (N, k), box_labels (N, k)
+        int64[, grade_heatmap (N, 1, h, w)]) with a grading head, then (boxes (N, k, 4), box_scores (N, k), box_labels (N, k)
         int64, defect_heatmap (N, 1, h, w)) with a localization head, then (grasp_position
         (N, K, 3), grasp_approach (N, K, 3), grasp_closing (N, K, 3), grasp_width (N, K),
         grasp_score (N, K)) in sensor metres with a grasp head.
@@ -162,6 +167,7 @@ class DeployableModel(nn.Module):
         num_points: int = 1024,
         grasp_top_k: int = 5,
         grasp_nms_radius: float = 0.01,
+        grade_heatmap: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -187,13 +193,19 @@ class DeployableModel(nn.Module):
         self.preprocess = FramePreprocessor(self.train_size) if self.has_image else None
         self.class_names = list(class_names or [str(i) for i in range(model.num_grades)])
         self.grade_decoder = GradeDecoder(model.num_grades, tta_views) if model.num_grades > 0 else None
+        self.grade_heatmap_decoder = None
+        first = model.members[0] if hasattr(model, "members") else model
+        image_encoder = getattr(first, "image_encoder", None)
+        if grade_heatmap and self.grade_decoder is not None and image_encoder is not None \
+                and hasattr(getattr(first, "grading_head", None), "grade_map"):
+            self.grade_heatmap_decoder = GradeHeatmapDecoder(grade_heatmap_grid(image_encoder, self.train_size), tta_views)
         head = getattr(model, "localization_head", None)
         self.box_decoder = None
         self.box_class_names = list(box_class_names or [])
         if head is not None:
             stride = float(model.image_encoder.strides[head.level_index])
             cells = head.num_classes * -(-self.train_size[0] // int(stride)) * -(-self.train_size[1] // int(stride))
-            self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views)
+            self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views=tta_views)
             self.box_class_names = self.box_class_names or [str(i) for i in range(head.num_classes)]
         self.grasp_decoder = GraspDecoder(grasp_top_k, grasp_nms_radius) if getattr(model, "grasp_head", None) is not None else None
         if self.grade_decoder is None and self.box_decoder is None and self.grasp_decoder is None:
@@ -235,7 +247,8 @@ class DeployableModel(nn.Module):
         return [s.name for s in self.input_specs()]
 
     def output_specs(self) -> list[TensorSpec]:
-        return [spec for d in (self.grade_decoder, self.box_decoder, self.grasp_decoder) if d is not None for spec in d.outputs()]
+        decoders = (self.grade_decoder, self.grade_heatmap_decoder, self.box_decoder, self.grasp_decoder)
+        return [spec for d in decoders if d is not None for spec in d.outputs()]
 
     @property
     def output_names(self) -> list[str]:
@@ -263,6 +276,8 @@ class DeployableModel(nn.Module):
             like = points if like is None else like
         if self.prompt is not None:
             kwargs["text"] = self.prompt(like)
+        if self.grade_heatmap_decoder is not None:
+            kwargs["grade_map"] = True
         out = self.model(x, **kwargs) if x is not None else self.model(**kwargs)
         return self.decode(out, center, scale)
 
@@ -272,6 +287,8 @@ class DeployableModel(nn.Module):
         outputs: tuple[Tensor, ...] = ()
         if self.grade_decoder is not None:
             outputs += tuple(self.grade_decoder(out.grade_logits))
+        if self.grade_heatmap_decoder is not None:
+            outputs += (self.grade_heatmap_decoder(out.grade_map, outputs[0]),)
         if self.box_decoder is not None:
             outputs += tuple(self.box_decoder(out.localization))
         if self.grasp_decoder is not None:

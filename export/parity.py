@@ -1,8 +1,15 @@
 """Parity: does an exported artefact give what the trained model gives, on real images?
 
 Every output listed in the metadata is compared: ``float`` outputs by max |Δ| against a
-tolerance, ``decoded`` outputs (grades, later box classes …) by the share of items that agree.
+tolerance, ``decoded`` outputs (grades …) by the share of items that agree.
 A new head adds rows to the metadata, never code here.
+
+Boxes (kinds ``box``, ``box_score``, ``box_label``) are compared as detections, not as arrays:
+top-K order among near-tied scores is not a decision, and pixel coordinates carry float noise
+in proportion to their size. Every box scoring at least ``box_score`` (either side) must have a
+box of the same label within ``box_px`` pixels (every corner) on the other side (row ``boxes``,
+metric ``matched``); the sorted labels above ``box_score`` must agree per frame (row
+``box_labels``); ``box_scores`` are floats (sorted descending, so swaps do not matter).
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ __all__ = ["ParityRow", "ParityReport", "Tolerance", "TOLERANCES", "check_parity
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass limits: ``atol`` on float outputs, ``min_agreement`` on decoded outputs."""
+    """Pass limits: ``atol`` on float outputs, ``min_agreement`` on decoded outputs (and on the
+    share of matched boxes), ``box_px`` on box corners, ``box_score``: boxes compared from this score."""
 
     atol: float = 1e-4
     min_agreement: float = 1.0
+    box_px: float = 0.5
+    box_score: float = 0.3
 
 
 # by artefact precision: fp32 graphs must match to float noise and decide identically
@@ -71,6 +81,7 @@ class ParityReport:
 def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], specs: list[dict], tol: Tolerance) -> list[ParityRow]:
     """Rows comparing every output in ``specs`` (metadata ``outputs``)."""
     rows = []
+    by_kind = {s.get("kind"): s["name"] for s in specs}
     for spec in specs:
         name, kind = spec["name"], spec.get("kind", "float")
         if name not in cand or name not in ref:
@@ -80,7 +91,15 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spe
         if a.shape != b.shape:
             rows.append(ParityRow(name, kind, "shape", 0.0, 1.0, False, f"{a.shape} vs {b.shape}"))
             continue
-        if kind == "decoded":
+        scores, labels = by_kind.get("box_score"), by_kind.get("box_label")
+        boxes_ok = kind in ("box", "box_label") and all(n in ref and n in cand and np.shape(ref[n]) == np.shape(cand[n])
+                                                        for n in (by_kind.get("box"), scores, labels) if n)
+        if boxes_ok and scores and labels and kind == "box":
+            rows.append(_box_row(name, a, b, np.asarray(ref[scores]), np.asarray(cand[scores]), np.asarray(ref[labels]),
+                                 np.asarray(cand[labels]), tol))
+        elif boxes_ok and scores and kind == "box_label":
+            rows.append(_box_label_row(name, a, b, np.asarray(ref[scores]), np.asarray(cand[scores]), tol))
+        elif kind in ("decoded", "box_label"):
             agree = float((a == b).reshape(len(a), -1).all(1).mean()) if len(a) else 1.0
             n_bad = int(round((1 - agree) * len(a)))
             rows.append(ParityRow(name, kind, "agreement", agree, tol.min_agreement, agree >= tol.min_agreement,
@@ -92,6 +111,50 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spe
             limit = max(tol.atol, float(spec.get("atol") or 0.0))  # an output's own tolerance in its units (grasp positions: 1 mm)
             rows.append(ParityRow(name, kind, "max|Δ|", delta, limit, finite and delta <= limit, "" if finite else "non-finite values"))
     return rows
+
+
+def _box_matches(boxes_a, scores_a, labels_a, boxes_b, labels_b, tol: Tolerance) -> tuple[int, int, float]:
+    """Boxes of one frame on side a scoring ≥ ``box_score`` that have an unused same-label box on
+    side b (any score) within ``box_px`` at every corner: (matched, total, largest corner |Δ| matched)."""
+    used = np.zeros(len(boxes_b), dtype=bool)
+    matched, worst = 0, 0.0
+    wanted = np.flatnonzero(scores_a >= tol.box_score)
+    for j in wanted:
+        delta = np.abs(boxes_b - boxes_a[j]).max(-1)
+        ok = (labels_b == labels_a[j]) & (delta <= tol.box_px) & ~used
+        if ok.any():
+            best = int(np.flatnonzero(ok)[np.argmin(delta[ok])])
+            used[best] = True
+            matched += 1
+            worst = max(worst, float(delta[best]))
+    return matched, len(wanted), worst
+
+
+def _box_row(name: str, a, b, sa, sb, la, lb, tol: Tolerance) -> ParityRow:
+    """Row ``boxes``: the share of boxes above the score threshold (both sides) matched on the other side."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    matched = total = 0
+    worst = 0.0
+    for i in range(len(a)):
+        for x, s, lx, y, ly in ((a[i], sa[i], la[i], b[i], lb[i]), (b[i], sb[i], lb[i], a[i], la[i])):
+            m, t, w = _box_matches(x, s, lx, y, ly, tol)
+            matched, total, worst = matched + m, total + t, max(worst, w)
+    value = matched / total if total else 1.0
+    finite = bool(np.isfinite(b).all())
+    detail = f"{total} boxes ≥ {tol.box_score:g}, corners within {worst:.2g} px (limit {tol.box_px:g})"
+    if total - matched:
+        detail += f"; {total - matched} unmatched"
+    return ParityRow(name, "box", "matched", value, tol.min_agreement, finite and value >= tol.min_agreement,
+                     detail if finite else "non-finite values")
+
+
+def _box_label_row(name: str, la, lb, sa, sb, tol: Tolerance) -> ParityRow:
+    """Row ``box_labels``: the share of frames whose sorted labels above the score threshold agree."""
+    same = [sorted(la[i][sa[i] >= tol.box_score].tolist()) == sorted(lb[i][sb[i] >= tol.box_score].tolist()) for i in range(len(la))]
+    agree = float(np.mean(same)) if same else 1.0
+    n_bad = len(same) - int(sum(same))
+    return ParityRow(name, "box_label", "agreement", agree, tol.min_agreement, agree >= tol.min_agreement,
+                     f"({n_bad} of {len(same)} frames differ above {tol.box_score:g})" if n_bad else "")
 
 
 def check_parity(reference, candidate, images: np.ndarray | dict[str, np.ndarray], tolerance: Tolerance | str = "fp32",

@@ -15,7 +15,15 @@ backend. With a checkpoint, ``--backend auto`` (the default) exports it once to 
 parity-checked on real images) and scores with ONNX Runtime, the fastest CPU backend; on a GPU
 it runs eager torch. ``--backend torch`` keeps eager PyTorch.
 
-One row per input: path, grade, grade_name, confidence, p_<grade> per grade, error. Rows are
+One row per input: path, grade, grade_name, confidence, p_<grade> per grade (grading models),
+``boxes`` (models with a localization head), ``heatmap`` (with ``--heatmaps``), error. ``boxes`` is a
+JSON list ``[{"label": name, "score": s, "box": [x1, y1, x2, y2]}, …]`` in pixels of the original
+file, best first, the boxes scoring at least ``--box-threshold`` (default 0.3); a localization-only
+model writes no grade columns (path, boxes, error). ``--heatmaps DIR`` saves each image's defect
+heatmap as an 8-bit PNG of the image's size (0..255 = 0..1; the localization head's
+``defect_heatmap``, else the grading head's ``grade_heatmap``, see :mod:`fusion.grade_heatmap`)
+and the ``heatmap`` column holds its path. Overlays (``--overlays``) blend that heatmap over the
+image, draw the boxes with label and score, and frame the image in the grade's colour. Rows are
 appended (and fsync'ed) as each batch finishes, so a crash loses nothing already scored; running
 the same command again resumes and skips finished rows. A corrupt, empty or unsupported file gets
 a row with its error and the run goes on. Parquet output is assembled atomically at the end from a
@@ -55,6 +63,8 @@ from tqdm import tqdm  # noqa: E402
 from lineside.export.backends import Backend, BackendError, TorchBackend, load_backend  # noqa: E402
 from lineside.export.checkpoint import LoadedModel, load_inspection_model  # noqa: E402
 from lineside.export.deployable import build_deployable, parse_size  # noqa: E402
+from lineside.export.detections import BOX_SCORE_THRESHOLD, OutputLayout, blend_heatmap, box_records, draw_boxes  # noqa: E402
+from lineside.export.detections import heatmap_to_image  # noqa: E402
 from lineside.fusion.ensemble import format_confusion, grade_metrics  # noqa: E402
 from lineside.vision.image_dataset import ScoringImageDataset  # noqa: E402
 from lineside.vision.io import InputError, collect_inputs, read_image  # noqa: E402
@@ -113,29 +123,47 @@ class _RowWriter:
             os.fsync(fh.fileno())
 
 
-def _draw_overlay(path: str, out_dir: Path, grade_name: str, grade: int, confidence: float, root: str) -> None:
+def _target(path: str, out_dir: Path, root: str) -> Path:
+    """``out_dir``/<path relative to the input folder>.png (the file name alone outside it)."""
+    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    target = out_dir / (rel if not rel.startswith("..") else os.path.basename(path))
+    return target.with_suffix(".png")
+
+
+def _save_png(image: Image.Image, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, target)
+
+
+def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int | None, confidence: float | None, root: str,
+                  boxes: list[dict] | None = None, heat: np.ndarray | None = None, box_class_names: list[str] | None = None) -> None:
+    """The image with the heatmap blended over it, the boxes drawn, framed and captioned in the grade's colour."""
     image = Image.fromarray(read_image(path, 3))
+    if heat is not None:
+        image = blend_heatmap(image, heat)
+    if boxes:
+        draw_boxes(image, boxes, box_class_names or [])
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    colour = _COLOURS[min(grade, len(_COLOURS) - 1)]
+    colour = _COLOURS[min(grade, len(_COLOURS) - 1)] if grade is not None else (255, 255, 255)
     border = max(2, min(w, h) // 60)
-    draw.rectangle([0, 0, w - 1, h - 1], outline=colour, width=border)
+    if grade is not None:
+        draw.rectangle([0, 0, w - 1, h - 1], outline=colour, width=border)
     size = max(12, min(w, h) // 12)
     try:
         font = ImageFont.load_default(size=size)
     except TypeError:  # pragma: no cover - old Pillow
         font = ImageFont.load_default()
-    text = f"{grade_name} {confidence:.0%}"
-    box = draw.textbbox((border + 2, border + 2), text, font=font)
+    text = f"{grade_name} {confidence:.0%}" if grade is not None else f"{len(boxes or [])} defect{'' if len(boxes or []) == 1 else 's'}"
+    at = (border + 2, border + 2)
+    if grade is None:  # boxes-only: the caption goes to the bottom, clear of the box labels along the top
+        at = (border + 2, h - border - 2 - draw.textbbox((0, 0), text, font=font)[3])
+    box = draw.textbbox(at, text, font=font)
     draw.rectangle(box, fill=(0, 0, 0))
-    draw.text((border + 2, border + 2), text, fill=colour, font=font)
-    rel = os.path.relpath(path, root) if root else os.path.basename(path)
-    target = out_dir / (rel if not rel.startswith("..") else os.path.basename(path))
-    target = target.with_suffix(".png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, target)
+    draw.text(at, text, fill=colour, font=font)
+    _save_png(image, _target(path, out_dir, root))
 
 
 @dataclass
@@ -155,8 +183,12 @@ class ScoreSummary:
         return (self.scored + self.errors) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _columns(class_names: list[str]) -> list[str]:
-    return ["path", "grade", "grade_name", "confidence", *[f"p_{n}" for n in class_names], "error"]
+def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, heatmap: bool = False) -> list[str]:
+    """Result columns: path, the grade columns (grading models), boxes, heatmap, error."""
+    cols = ["path"]
+    if grades:
+        cols += ["grade", "grade_name", "confidence", *[f"p_{n}" for n in class_names]]
+    return cols + (["boxes"] if boxes else []) + (["heatmap"] if heatmap else []) + ["error"]
 
 
 def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -> None:
@@ -189,7 +221,7 @@ def _prefetched_batches(dataset: ScoringImageDataset, batch_size: int, threads: 
     def load(start: int) -> dict:
         items = [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         return {"image": np.stack([it["image"].numpy() for it in items]), "path": [it["path"] for it in items],
-                "error": [it["error"] for it in items]}
+                "error": [it["error"] for it in items], "size": [it["size"] for it in items]}
 
     if threads <= 0:
         for start in range(0, len(dataset), batch_size):
@@ -216,7 +248,8 @@ def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_vi
 
     size = input_size or (loaded.image_size, loaded.image_size)
     views = loaded.tta_views if tta_views is None else tta_views
-    key = f"{file_sha256(loaded.source)[:16]}-{size[0]}x{size[1]}-tta{views}"
+    # -o2: exports since the outputs gained grade_heatmap and box kinds (older cached graphs lack them)
+    key = f"{file_sha256(loaded.source)[:16]}-{size[0]}x{size[1]}-tta{views}-o2"
     if text and getattr(loaded.model, "text_encoder", None) is not None:
         import hashlib
 
@@ -286,11 +319,14 @@ def score(
     progress: bool = True,
     backend: str = "auto",
     input_size: str | tuple[int, int] | None = None,
+    box_threshold: float = BOX_SCORE_THRESHOLD,
+    heatmaps: str | os.PathLike | None = None,
     intrinsics: str | os.PathLike | None = None,
 ) -> ScoreSummary:
     """Score inputs with a model (checkpoint, artefact or backend) and write/resume ``output`` (.csv or .parquet).
 
-    See the module docstring.
+    ``box_threshold``: boxes scoring below it stay out of the ``boxes`` column and the overlays.
+    ``heatmaps``: a folder for one heatmap PNG per image (column ``heatmap``). See the module docstring.
     """
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".parquet"):
@@ -303,9 +339,15 @@ def score(
 
         return score_points(runner, inputs, output, overlays, batch_size, num_workers, retry_errors, progress, intrinsics)
     class_names = runner.class_names
+    layout = OutputLayout.of(runner.output_specs, runner.metadata.get("box_class_names"))
+    grading = "grade_probs" in runner.output_names
+    if heatmaps and layout.heatmap is None:
+        raise InputError(f"{runner.describe()} gives no heatmap (outputs {runner.output_names}); drop --heatmaps "
+                         "or re-export the checkpoint (grading models on images give grade_heatmap)")
     paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
-    columns = _columns(class_names)
+    columns = _columns(class_names, grading, layout.has_boxes, bool(heatmaps))
+    heatmap_dir = Path(heatmaps) if heatmaps else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     parquet = output.suffix.lower() == ".parquet"
@@ -340,22 +382,40 @@ def score(
             rows: list[dict] = []
             probs = np.zeros((len(ok), len(class_names)), dtype=np.float64)
             grades = np.zeros(len(ok), dtype=np.int64)
+            out: dict[str, np.ndarray] = {}
+            where = np.cumsum(ok) - 1  # batch row → row of the model's outputs
             if ok.any():
                 out = runner(batch["image"][ok])
-                probs[ok] = out["grade_probs"]
-                grades[ok] = out["grade"]
+                if grading:
+                    probs[ok] = out["grade_probs"]
+                    grades[ok] = out["grade"]
             for i, path in enumerate(batch["path"]):
                 if batch["error"][i]:
                     rows.append({c: "" for c in columns} | {"path": path, "error": batch["error"][i]})
                     errors += 1
                     continue
-                g = int(grades[i])
-                row = {"path": path, "grade": g, "grade_name": class_names[g], "confidence": f"{probs[i, g]:.6f}", "error": ""}
-                row |= {f"p_{n}": f"{p:.6f}" for n, p in zip(class_names, probs[i])}
+                row = {"path": path, "error": ""}
+                g = int(grades[i]) if grading else None
+                if grading:
+                    row |= {"grade": g, "grade_name": class_names[g], "confidence": f"{probs[i, g]:.6f}"}
+                    row |= {f"p_{n}": f"{p:.6f}" for n, p in zip(class_names, probs[i])}
+                j = int(where[i])
+                boxes = None
+                if layout.has_boxes:
+                    boxes = box_records(out[layout.boxes][j], out[layout.scores][j], out[layout.labels][j], layout.box_class_names,
+                                        runner.input_size, batch["size"][i], box_threshold)
+                    row["boxes"] = json.dumps(boxes, separators=(",", ":"))
+                heat = out[layout.heatmap][j] if layout.heatmap else None
+                if heatmap_dir is not None:
+                    target = _target(path, heatmap_dir, root)
+                    h0, w0 = batch["size"][i]
+                    _save_png(heatmap_to_image(heat, (w0, h0)), target)
+                    row["heatmap"] = str(target)
                 rows.append(row)
                 scored += 1
                 if pool is not None:
-                    pending.append(pool.submit(_draw_overlay, path, overlay_dir, class_names[g], g, float(probs[i, g]), root))
+                    pending.append(pool.submit(_draw_overlay, path, overlay_dir, class_names[g] if grading else None, g,
+                                               float(probs[i, g]) if grading else None, root, boxes, heat, list(layout.box_class_names)))
             writer.append(rows)
             bar.update(len(rows))
             bar.set_postfix(errors=errors, refresh=False)
@@ -423,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkpoint (lineside fit / crossval's ensemble.ckpt) or exported artefact (.onnx, .pt2, .engine, export folder)")
     ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
     ap.add_argument("--output", required=True, help="results .csv or .parquet (resumed if it exists)")
-    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with grade and confidence)")
+    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with the heatmap blended in, boxes, grade and confidence)")
+    ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
+                    help=f"models with a localization head: boxes scoring at least this go to the boxes column and overlays (default {BOX_SCORE_THRESHOLD})")
+    ap.add_argument("--heatmaps", default=None, help="folder for one defect-heatmap PNG per image (image size, 0..255 = 0..1); "
+                    "adds a heatmap column with its path")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--num-workers", type=int, default=None, help="decoding threads (default: cores, at most 4; 0 = decode in the main thread)")
@@ -441,10 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
     try:
         runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta, a.text)
+        labelled = labelled and "grade_probs" in runner.output_names  # boxes-only models: no grade metrics
         if labelled:  # bad labels are reported before any scoring
             labelled = _manifest_labels(Path(a.input), runner.class_names) is not None
         s = score(runner, a.input, a.output, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress,
-                  intrinsics=a.intrinsics)
+                  box_threshold=a.box_threshold, heatmaps=a.heatmaps, intrinsics=a.intrinsics)
     except (InputError, RuntimeError, FileNotFoundError, ValueError) as exc:
         print(f"lineside score: error: {exc}", file=sys.stderr)
         return 2

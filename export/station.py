@@ -20,7 +20,10 @@ Output: one JSON line per frame, appended to ``--out``, flushed and fsync'ed aft
 ``source``, ``frame`` (index), ``path`` (files), ``timestamp`` (arrival, ISO 8601 UTC),
 ``decision`` (the grade name), ``grade``, ``confidence``, ``probabilities`` (per class name),
 ``latency_ms`` (arrival → result), ``error`` (null, or why the frame has no result: corrupt
-file, undecodable video frame, frame dropped behind a live source). A bad frame never stops the
+file, undecodable video frame, frame dropped behind a live source). A model with a localization
+head adds ``boxes``: ``[{"label": name, "score": s, "box": [x1, y1, x2, y2]}, …]`` in pixels of
+the original frame, best first, scoring at least ``--box-threshold`` (as in ``lineside score``);
+heatmaps stay out of the records (``lineside score --heatmaps`` writes them). A bad frame never stops the
 loop. Every ``--report-every`` seconds p50/p99 latency and frames/s go to stderr, and a summary
 at the end. SIGINT/SIGTERM: the batch in flight and the frames already arrived are finished and
 written, the summary printed, exit 0 (a second signal writes the frames still queued as errors
@@ -53,6 +56,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 
 from lineside.export.backends import BACKENDS, Backend, BackendError, load_backend  # noqa: E402
+from lineside.export.detections import BOX_SCORE_THRESHOLD, OutputLayout, box_records  # noqa: E402
 from lineside.export.sources import Frame, FolderSource, Source, SourceError, open_source  # noqa: E402
 from lineside.vision.preprocess import frames_to_batch  # noqa: E402
 
@@ -315,13 +319,19 @@ class ResultDecoder:
     class name). Other small per-frame outputs (at most 64 values) go under ``outputs``.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, box_threshold: float = BOX_SCORE_THRESHOLD) -> None:
         self.class_names = backend.class_names
         specs = backend.output_specs
         names = [s["name"] for s in specs]
         self.grasps = "grasp_position" in names  # grasp outputs become one "grasps" list per frame
         if self.grasps:
             names = [n for n in names if not n.startswith("grasp_")]
+            specs = [s for s in specs if s["name"] in names]
+        self.layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
+        self.box_threshold = box_threshold
+        self.input_size = backend.input_size if self.layout.has_boxes else None
+        if self.layout.names():  # boxes become one "boxes" list per frame; heatmaps stay out of the records
+            names = [n for n in names if n not in self.layout.names()]
             specs = [s for s in specs if s["name"] in names]
         self.probs = "grade_probs" if "grade_probs" in names else None
         if self.probs is None:
@@ -332,7 +342,8 @@ class ResultDecoder:
         self.grade = "grade" if "grade" in names else None
         self.extra = [n for n in names if n not in (self.probs, self.grade)]
 
-    def __call__(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
+    def __call__(self, outputs: dict[str, np.ndarray], n: int, sizes: Sequence[Sequence[int]] | None = None) -> list[dict]:
+        """Records of ``n`` frames; ``sizes``: each frame's own (H, W), to give boxes in its pixels."""
         rows = []
         for i in range(n):
             row: dict[str, Any] = {"decision": None, "grade": None, "confidence": None, "probabilities": None}
@@ -352,6 +363,10 @@ class ResultDecoder:
                     extra[name] = np.round(v.astype(np.float64), 6).tolist() if v.dtype.kind == "f" else v.tolist()
             if extra:
                 row["outputs"] = extra
+            if self.layout.has_boxes:
+                lay = self.layout
+                row["boxes"] = box_records(outputs[lay.boxes][i], outputs[lay.scores][i], outputs[lay.labels][i], lay.box_class_names,
+                                           self.input_size, sizes[i] if sizes else self.input_size, self.box_threshold)
             if self.grasps:
                 from lineside.export.point_inputs import grasps_from_outputs
 
@@ -379,6 +394,7 @@ class Station:
         queue_size: decoded frames that may wait (default 4 × ``batch_max``).
         warmup: run the backend on blank batches first, to measure the batch time and compile.
         log: where the progress lines and the summary go (default stderr).
+        box_threshold: models with a localization head: boxes scoring at least this go into the records.
     """
 
     def __init__(
@@ -393,6 +409,7 @@ class Station:
         queue_size: int | None = None,
         warmup: bool = True,
         log: IO[str] | None = None,
+        box_threshold: float = BOX_SCORE_THRESHOLD,
     ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be at least 1, got {batch_max}")
@@ -408,7 +425,7 @@ class Station:
         self.log = log
         self.timer = BatchTimer()
         self.stats = LatencyStats()
-        self.decode = ResultDecoder(backend)
+        self.decode = ResultDecoder(backend, box_threshold)
         self.points = backend.takes_points
         if self.points:  # clouds (or depth images) → prepared arrays, read by the source's decode threads
             from lineside.export.point_inputs import CLOUD_INPUT_EXTENSIONS, DEPTH_EXTENSIONS, PointPreprocessing
@@ -523,7 +540,8 @@ class Station:
         t = time.perf_counter()
         try:
             outputs = self._infer([f.image for f in frames])
-            rows: list[dict | str] = list(self.decode(outputs, len(frames)))
+            sizes = [f.image.shape[:2] for f in frames] if self.decode.layout.has_boxes else None
+            rows: list[dict | str] = list(self.decode(outputs, len(frames), sizes))
             return rows, time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - isolate the frame that broke it
             if len(frames) == 1:
@@ -554,6 +572,8 @@ class Station:
                 record |= {"decision": None, "grade": None, "confidence": None, "probabilities": None}
                 if self.decode.grasps:
                     record["grasps"] = None
+                if self.decode.layout.has_boxes:
+                    record["boxes"] = None
                 record |= {"latency_ms": round(latency, 3), "error": res if isinstance(res, str) else (f.error or "frame has no image")}
                 errors += 1
                 dropped += f.dropped
@@ -657,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--existing", default="process", choices=["process", "skip"], help="files already in a watched folder (default process)")
     ap.add_argument("--once", action="store_true", help="folder: exit when drained instead of watching on")
     ap.add_argument("--report-every", type=float, default=5.0, help="seconds between progress lines on stderr (0: none)")
+    ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
+                    help=f"models with a localization head: boxes scoring at least this go into the records (default {BOX_SCORE_THRESHOLD})")
     ap.add_argument("--poll-ms", type=float, default=100.0, help="folder: milliseconds between looks (default 100)")
     ap.add_argument("--settle-ms", type=float, default=250.0, help="folder: a file must stay unchanged this long before it is read (default 250)")
     ap.add_argument("--no-watchdog", action="store_true", help="folder: poll even when watchdog is installed")
@@ -718,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             decoders=a.decoders,
             queue_size=a.queue_size,
             warmup=not a.no_warmup,
+            box_threshold=a.box_threshold,
         )
         holder["station"] = station
         if holder["signal"]:

@@ -20,8 +20,9 @@ from lineside.fusion.localization_head import LocalizationOutput
 if TYPE_CHECKING:
     from lineside.export.deployable import TensorSpec
 
-__all__ = ["BoxDecoder"]
+__all__ = ["BoxDecoder", "BOX_SCORE_THRESHOLD"]
 
+BOX_SCORE_THRESHOLD = 0.3  # boxes reported by score/station and compared by parity checks from this score
 _MAX_LOG_SIZE = 10.0  # exp(10) ≈ 22000 px: keeps exp finite for wild size logits
 
 
@@ -73,9 +74,9 @@ class BoxDecoder(nn.Module):
         k = self.top_k
         h, w = -(-self.train_size[0] // int(self.stride)), -(-self.train_size[1] // int(self.stride))
         return [
-            TensorSpec("boxes", "float32", ("N", k, 4), "float", "top-K defect boxes x1, y1, x2, y2 in input-frame pixels"),
-            TensorSpec("box_scores", "float32", ("N", k), "float", "box confidence (peak heatmap probability), descending"),
-            TensorSpec("box_labels", "int64", ("N", k), "decoded", "defect class index of each box"),
+            TensorSpec("boxes", "float32", ("N", k, 4), "box", "top-K defect boxes x1, y1, x2, y2 in input-frame pixels"),
+            TensorSpec("box_scores", "float32", ("N", k), "box_score", "box confidence (peak heatmap probability), descending"),
+            TensorSpec("box_labels", "int64", ("N", k), "box_label", "defect class index of each box"),
             TensorSpec("defect_heatmap", "float32", ("N", 1, h, w), "float", "class-agnostic defect probability per heatmap cell"),
         ]
 

@@ -61,9 +61,13 @@ class InspectionEnsemble(nn.Module):
         return getattr(self.members[0], "text_encoder", None)
 
     def forward(self, image: Tensor, **inputs) -> InspectionOutput:
-        logp = torch.stack([m(image, **inputs).grade_logits.float().log_softmax(-1) for m in self.members])
+        """``grade_map=True`` (members' ``grade_map`` averaged) passes through to the members."""
+        outs = [m(image, **inputs) for m in self.members]
+        logp = torch.stack([o.grade_logits.float().log_softmax(-1) for o in outs])
         mean = torch.logsumexp(logp, 0) - math.log(len(self.members))
-        return InspectionOutput(mean + self.grade_bias)
+        maps = [o.grade_map for o in outs if getattr(o, "grade_map", None) is not None]
+        gmap = torch.stack(maps).float().mean(0) if len(maps) == len(outs) else None
+        return InspectionOutput(mean + self.grade_bias, grade_map=gmap)
 
 
 def grade_metrics(probs: np.ndarray, labels: np.ndarray, bias: Sequence[float] | None = None) -> dict:

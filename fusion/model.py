@@ -26,11 +26,14 @@ class InspectionOutput(NamedTuple):
         localization: the localization head's raw output (per-class centre heatmaps, sizes,
             offsets, defect heatmap), when configured and images are given.
         grasp: the grasp head's raw output (per point token), when configured and points are given.
+        grade_map: (B, K, h, w) each image cell's share of each grade logit
+            (:meth:`GradingHead.grade_map`), only when asked for (``forward(..., grade_map=True)``).
     """
 
     grade_logits: Tensor | None = None
     localization: Any = None
     grasp: Any = None
+    grade_map: Tensor | None = None
 
 
 class InspectionModel(nn.Module):
@@ -132,10 +135,15 @@ class InspectionModel(nn.Module):
         return encoded
 
     def forward(self, image: Tensor | None = None, points: Tensor | None = None, point_mask: Tensor | None = None,
-                point_features: Tensor | None = None, text: Any = None) -> InspectionOutput:
+                point_features: Tensor | None = None, text: Any = None, grade_map: bool = False) -> InspectionOutput:
+        """``grade_map=True`` also returns the grading head's class-activation map over the image
+        tokens (``InspectionOutput.grade_map``; needs a grading head and an image)."""
         encoded = self.encode(image, points, point_mask, point_features, text)
         fused = self.fusion(encoded)
         grade = self.grading_head(fused) if self.grading_head is not None else None
         loc = self.localization_head(fused, encoded["image"]) if self.localization_head is not None and "image" in encoded else None
         grasp = self.grasp_head(fused, encoded["points"]) if self.grasp_head is not None and "points" in encoded else None
-        return InspectionOutput(grade, loc, grasp)
+        gmap = None
+        if grade_map and self.grading_head is not None and "image" in encoded:
+            gmap = self.grading_head.grade_map(fused, encoded["image"])
+        return InspectionOutput(grade, loc, grasp, gmap)

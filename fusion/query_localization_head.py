@@ -525,9 +525,9 @@ class QueryBoxDecoder(nn.Module):
         k = self.top_k
         h, w = -(-self.train_size[0] // int(self.stride)), -(-self.train_size[1] // int(self.stride))
         return [
-            TensorSpec("boxes", "float32", ("N", k, 4), "float", "top-K defect boxes x1, y1, x2, y2 in input-frame pixels"),
-            TensorSpec("box_scores", "float32", ("N", k), "float", "box confidence (query class probability), descending"),
-            TensorSpec("box_labels", "int64", ("N", k), "decoded", "defect class index of each box"),
+            TensorSpec("boxes", "float32", ("N", k, 4), "box", "top-K defect boxes x1, y1, x2, y2 in input-frame pixels"),
+            TensorSpec("box_scores", "float32", ("N", k), "box_score", "box confidence (query class probability), descending"),
+            TensorSpec("box_labels", "int64", ("N", k), "box_label", "defect class index of each box"),
             TensorSpec("defect_heatmap", "float32", ("N", 1, h, w), "float", "class-agnostic defect probability per heatmap cell"),
         ]
 

@@ -33,7 +33,7 @@ def test_graph_takes_uint8_frames_and_gives_named_outputs(exported):
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims == ["N", 1, 96, 80]
     outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    assert outs == {"grade_probs": onnx.TensorProto.FLOAT, "grade": onnx.TensorProto.INT64}
+    assert outs == {"grade_probs": onnx.TensorProto.FLOAT, "grade": onnx.TensorProto.INT64, "grade_heatmap": onnx.TensorProto.FLOAT}
     assert any(n.op_type == "Resize" for n in model.graph.node), "the resize to the training size is inside the graph"
 
 
@@ -49,7 +49,8 @@ def test_parity_passed_on_real_images_and_metadata_round_trips(exported):
     assert meta["inputs"][0] == {"name": "image", "dtype": "uint8", "shape": ["N", 1, 96, 80], "kind": "input",
                                  "description": meta["inputs"][0]["description"]}
     assert [(o["name"], o["dtype"], o["shape"], o["kind"]) for o in meta["outputs"]] == [
-        ("grade_probs", "float32", ["N", 4], "float"), ("grade", "int64", ["N"], "decoded")]
+        ("grade_probs", "float32", ["N", 4], "float"), ("grade", "int64", ["N"], "decoded"),
+        ("grade_heatmap", "float32", ["N", 1, 2, 2], "float")]
     pre = meta["preprocessing"]
     assert pre["input_size"] == [96, 80] and pre["train_size"] == [64, 64] and pre["tta_views"] == 2
     assert len(pre["normalisation"]["scale"]) == 1

@@ -267,3 +267,16 @@ def test_parity_gate_notes_near_tie_flips_and_stops_on_float_errors() -> None:
                                                             ParityRow("grade", "decoded", "agreement", 1.0, 0.98, True)])
     with pytest.raises(TensorRTError, match="failed its parity check"):
         trt_export._gate(broken, "the fp16 ONNX graph", [])
+
+
+def test_rtx_builds_the_multi_head_engine(builder_flavour, tmp_path: Path) -> None:
+    """Grading + localization in one graph (grade, grade heatmap, top-K boxes, defect heatmap): TensorRT's
+    parser and builder take every decoder (TensorRT-RTX ahead of time on the CPU)."""
+    from test_box_outputs import loaded
+
+    graph = export_onnx(loaded(), tmp_path / "onnx", parity_images=0).path
+    r = build_engine(graph, tmp_path / "trt", "fp32", (1, 4, 8), flavour=builder_flavour)
+    names = ["grade_probs", "grade", "grade_heatmap", "boxes", "box_scores", "box_labels", "defect_heatmap"]
+    assert [o["name"] for o in r.metadata["outputs"]] == names
+    assert {o["name"]: o["kind"] for o in r.metadata["outputs"]}["boxes"] == "box"
+    assert r.metadata["box_class_names"] == ["crazing", "inclusion", "patches"] and r.path.stat().st_size > 0

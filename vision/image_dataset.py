@@ -53,8 +53,9 @@ class ScoringImageDataset(Dataset):
     """Decodes one input to uint8 at the model's frame size for batch scoring; a failure becomes an
     error string, never an exception.
 
-    Each sample is ``{"image": (C, H, W) uint8, "path": str, "error": str}`` (a zero image and
-    a message starting with the path when the file cannot be used), so one bad file never stops a batch.
+    Each sample is ``{"image": (C, H, W) uint8, "path": str, "error": str, "size": (H0, W0)}``
+    (``size``: the file's own size, to map boxes back to its pixels; a zero image, ``size`` (0, 0)
+    and a message starting with the path when the file cannot be used), so one bad file never stops a batch.
     The resize is OpenCV ``INTER_LINEAR`` (:func:`vision.preprocess.resize_frame`), exactly
     the training pipeline's; with ``size`` equal to the training size the model's in-graph
     resize is then a no-op.
@@ -78,10 +79,13 @@ class ScoringImageDataset(Dataset):
 
         path = self.paths[i]
         try:
-            frame = resize_frame(read_image(path, self.channels), self.size)
+            raw = read_image(path, self.channels)
+            size = (int(raw.shape[0]), int(raw.shape[1]))
+            frame = resize_frame(raw, self.size)
             image = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))
             error = ""
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
             image = torch.zeros(self.channels, *self.size, dtype=torch.uint8)
+            size = (0, 0)
             error = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
-        return {"image": image, "path": path, "error": error}
+        return {"image": image, "path": path, "error": error, "size": size}
