@@ -204,8 +204,11 @@ class DeployableModel(nn.Module):
         self.box_class_names = list(box_class_names or [])
         if head is not None:
             stride = float(model.image_encoder.strides[head.level_index])
-            cells = head.num_classes * -(-self.train_size[0] // int(stride)) * -(-self.train_size[1] // int(stride))
-            self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views=tta_views)
+            if hasattr(head, "decoder"):  # the head's own decoder (the query head's: top-K over query-class pairs)
+                self.box_decoder = head.decoder(stride, self.train_size, self.input_size, top_k=top_k, tta_views=tta_views)
+            else:
+                cells = head.num_classes * -(-self.train_size[0] // int(stride)) * -(-self.train_size[1] // int(stride))
+                self.box_decoder = BoxDecoder(stride, self.train_size, self.input_size, min(top_k, cells), tta_views=tta_views)
             self.box_class_names = self.box_class_names or [str(i) for i in range(head.num_classes)]
         self.grasp_decoder = GraspDecoder(grasp_top_k, grasp_nms_radius) if getattr(model, "grasp_head", None) is not None else None
         if self.grade_decoder is None and self.box_decoder is None and self.grasp_decoder is None:

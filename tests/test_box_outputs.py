@@ -287,3 +287,20 @@ def test_station_records_carry_boxes_in_frame_pixels(images, tmp_path) -> None:
 
     score(backend, [str(images / "f0.png")], tmp_path / "s.csv", num_workers=0, progress=False)
     assert json.loads(_read(tmp_path / "s.csv")["f0.png"]["boxes"]) == recs["f0.png"]["boxes"]
+
+
+def test_query_head_models_deploy_with_their_own_decoder(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lineside.export.onnx_export import export_onnx
+    from lineside.fusion.query_localization_head import QueryBoxDecoder, QueryLocalizationHead
+
+    torch.manual_seed(3)
+    encoder = ImageEncoder(backbone="test_efficientnet", pretrained=False, feature_levels=[-2, -1], embed_dim=32, in_chans=1)
+    model = InspectionModel(encoder, FusionTransformer(embed_dim=32, depth=1, dropout=0.0), GradingHead(32, 4, dropout=0.0),
+                            localization_head=QueryLocalizationHead(32, len(BOX_CLASSES), num_queries=6, num_heads=2)).eval()
+    lm = LoadedModel(model, ["ok", "mild", "moderate", "severe"], SIZE, 1, box_class_names=BOX_CLASSES, tasks=["grading", "localization"])
+    d = build_deployable(lm)
+    assert isinstance(d.box_decoder, QueryBoxDecoder) and d.box_decoder.top_k == 6 * len(BOX_CLASSES)
+    r = export_onnx(lm, tmp_path / "onnx", parity_images=8)
+    assert r.ok, r.parity.table()
+    assert {row.output for row in r.parity.rows} >= {"boxes", "box_labels", "grade_heatmap"}
