@@ -141,7 +141,7 @@ def _box_row(name: str, a, b, sa, sb, la, lb, tol: Tolerance) -> ParityRow:
             matched, total, worst = matched + m, total + t, max(worst, w)
     value = matched / total if total else 1.0
     finite = bool(np.isfinite(b).all())
-    detail = f"{total} boxes ≥ {tol.box_score:g}, corners within {worst:.2g} px (limit {tol.box_px:g})"
+    detail = f"{total} boxes ≥ {tol.box_score:g} (both sides), corners within {worst:.2g} px (limit {tol.box_px:g})"
     if total - matched:
         detail += f"; {total - matched} unmatched"
     return ParityRow(name, "box", "matched", value, tol.min_agreement, finite and value >= tol.min_agreement,
