@@ -190,3 +190,21 @@ def test_box_reference_is_a_procedural_part() -> None:
     mesh = load_mesh(_mesh_ref(kind="box", dims={"sx": 0.04, "sy": 0.04, "sz": 0.04}, pose=pose))
     assert isinstance(mesh, o3d.geometry.TriangleMesh)
     np.testing.assert_allclose(mesh.get_axis_aligned_bounding_box().get_center(), [0, 0, 0.4], atol=1e-6)
+
+
+def test_tools_bench_compares_the_three_methods_on_the_same_views(tiny_run: Path, shared_data, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grasp_tools_bench", REPO / "bench" / "grasp_tools.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main([str(tiny_run / "checkpoints" / "best.ckpt"), "--views-per-tool", "1", "--workers", "0",
+                         "--tools-root", str(shared_data / "workshop_tools")])
+    assert result["test_tools"] == ["Allen Key", "Screwdriver"] and result["train_tools"] == []
+    rows = {r["tool"]: r for r in result["rows"]}
+    assert set(rows) == {"Allen Key", "Screwdriver", "ALL"} and rows["ALL"]["views"] == 2
+    for r in rows.values():
+        for m in ("network", "analytic", "slab"):
+            assert 0.0 <= r[f"{m}_top1"] <= r[f"{m}_top5"] <= 1.0
+    out = capsys.readouterr().out
+    assert "all unseen" in out and "slab t1" in out
