@@ -74,6 +74,8 @@ __all__ = ["ScoreSummary", "collect_inputs", "evaluate_scores", "open_model", "s
 
 log = logging.getLogger("lineside.score")
 
+_MIN_OVERLAY_SIDE = 256  # px: smaller images are enlarged for their overlays
+
 # severity colours for overlays: ok → severe
 _COLOURS = [(40, 180, 60), (230, 200, 30), (240, 130, 20), (220, 30, 30)]
 
@@ -139,8 +141,15 @@ def _save_png(image: Image.Image, target: Path) -> None:
 
 def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int | None, confidence: float | None, root: str,
                   boxes: list[dict] | None = None, heat: np.ndarray | None = None, box_class_names: list[str] | None = None) -> None:
-    """The image with the heatmap blended over it, the boxes drawn, framed and captioned in the grade's colour."""
+    """The image with the heatmap blended over it, the boxes drawn, framed and captioned in the grade's colour.
+
+    Images under ``_MIN_OVERLAY_SIDE`` px (radiograph patches of 32 px) are enlarged by a whole
+    factor (nearest neighbour) first, so the caption and the boxes leave the image readable."""
     image = Image.fromarray(read_image(path, 3))
+    factor = -(-_MIN_OVERLAY_SIDE // max(1, min(image.size)))
+    if factor > 1:
+        image = image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST)
+        boxes = [dict(b, box=[v * factor for v in b["box"]]) for b in boxes or []]
     if heat is not None:
         image = blend_heatmap(image, heat)
     if boxes:

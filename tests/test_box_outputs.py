@@ -227,8 +227,9 @@ def test_score_gives_boxes_in_original_pixels_heatmaps_and_overlays(images, tmp_
             heat = Image.open(rows[name]["heatmap"])
             assert heat.size == wh and heat.mode == "L"
             overlay = Image.open(tmp_path / "ov" / name)
-            assert overlay.size == wh
-            original = np.asarray(Image.open(images / name).convert("RGB"), np.int16)
+            f = -(-256 // min(wh))  # small images are enlarged by a whole factor for their overlays
+            assert overlay.size == (wh[0] * f, wh[1] * f)
+            original = np.asarray(Image.open(images / name).convert("RGB").resize(overlay.size, Image.NEAREST), np.int16)
             assert np.abs(np.asarray(overlay.convert("RGB"), np.int16) - original).max() > 50  # drawn on
     # a higher threshold keeps fewer boxes, none below it
     out2 = tmp_path / "res_hi.csv"
