@@ -114,7 +114,6 @@ def export_aoti(
     import torch
 
     from lineside.export.backends import TorchBackend
-    from lineside.export.calibration import real_images
     from lineside.export.checkpoint import LoadedModel, load_inspection_model
     from lineside.export.deployable import build_deployable, parse_size
     from lineside.export.metadata import build_metadata, write_metadata
@@ -139,10 +138,13 @@ def export_aoti(
     write_metadata(meta, path)
     result = ExportResult(path, meta)
     if parity_images:
-        images, _ = real_images(calib, deployable.input_size, deployable.channels, parity_images)
+        from lineside.export.onnx_export import parity_inputs
+
+        images = parity_inputs(deployable, loaded, calib, parity_images)  # frames, or real clouds for a point model
+        n = len(next(iter(images.values()))) if isinstance(images, dict) else len(images)
         reference = TorchBackend(deployable=deployable, loaded=loaded, device=device)
         candidate = AotiBackend(path, device=device)
-        result.parity = check_parity(reference, candidate, images, "fp32", batch_size=max(1, min(8, len(images))))
+        result.parity = check_parity(reference, candidate, images, "fp32", batch_size=max(1, min(8, n)))
         meta["parity"] = result.parity.to_dict()
         write_metadata(meta, path)
     result.metadata = meta
@@ -203,11 +205,15 @@ class AotiBackend(Backend):
         return f"aoti-{self.device.partition(':')[0]} ({Path(self.path).name})"
 
     def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_named({"image": image})
+
+    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(image).to(self._torch_device, non_blocking=True)
+        names = [s["name"] for s in self.input_specs] or ["image"]
+        xs = [torch.from_numpy(inputs[n]).to(self._torch_device, non_blocking=True) for n in names]
         with torch.inference_mode():
-            outs = self.model(x)
+            outs = self.model(*xs)
         if isinstance(outs, torch.Tensor):
             outs = [outs]
         return {n: o.detach().cpu().numpy() for n, o in zip(self.output_names, outs)}

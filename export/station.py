@@ -395,6 +395,8 @@ class Station:
         warmup: run the backend on blank batches first, to measure the batch time and compile.
         log: where the progress lines and the summary go (default stderr).
         box_threshold: models with a localization head: boxes scoring at least this go into the records.
+        intrinsics: point models: pinhole intrinsics (JSON path or ``CameraIntrinsics``) for depth images
+            (default: ``<stem>.json`` / ``intrinsics.json`` beside each image).
     """
 
     def __init__(
@@ -410,6 +412,7 @@ class Station:
         warmup: bool = True,
         log: IO[str] | None = None,
         box_threshold: float = BOX_SCORE_THRESHOLD,
+        intrinsics: Any = None,
     ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be at least 1, got {batch_max}")
@@ -432,7 +435,14 @@ class Station:
 
             if backend.takes_image:
                 raise ValueError(f"{backend.describe()} takes frames and clouds together; the station feeds one or the other")
-            source.reader = PointPreprocessing.from_metadata(backend.metadata).load
+            prep = PointPreprocessing.from_metadata(backend.metadata)
+            if intrinsics is not None:
+                from lineside.pointcloud.io import read_intrinsics
+
+                k = intrinsics if not isinstance(intrinsics, (str, os.PathLike)) else read_intrinsics(intrinsics)
+                source.reader = lambda path: prep.load(path, k)
+            else:
+                source.reader = prep.load
             source.extensions = CLOUD_INPUT_EXTENSIONS + DEPTH_EXTENSIONS
         self._stop = threading.Event()
         self._abort = False
@@ -677,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--existing", default="process", choices=["process", "skip"], help="files already in a watched folder (default process)")
     ap.add_argument("--once", action="store_true", help="folder: exit when drained instead of watching on")
     ap.add_argument("--report-every", type=float, default=5.0, help="seconds between progress lines on stderr (0: none)")
+    ap.add_argument("--intrinsics", default=None, help="point models: pinhole intrinsics JSON for depth images "
+                    "(default: <stem>.json or intrinsics.json beside each image)")
     ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
                     help=f"models with a localization head: boxes scoring at least this go into the records (default {BOX_SCORE_THRESHOLD})")
     ap.add_argument("--poll-ms", type=float, default=100.0, help="folder: milliseconds between looks (default 100)")
@@ -725,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
                 pace=a.realtime,
             )
             backend = load_backend(a.model, a.backend, a.device)
+            if a.intrinsics:  # a wrong file fails here, with the others
+                from lineside.pointcloud.io import read_intrinsics
+
+                a.intrinsics = read_intrinsics(a.intrinsics)
         except (BackendError, SourceError, OSError, ValueError, RuntimeError) as exc:
             if source is not None:
                 source.close()
@@ -741,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_size=a.queue_size,
             warmup=not a.no_warmup,
             box_threshold=a.box_threshold,
+            intrinsics=a.intrinsics,
         )
         holder["station"] = station
         if holder["signal"]:

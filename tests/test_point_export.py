@@ -314,3 +314,26 @@ def test_image_and_point_model_takes_frames_and_clouds(tmp_path, clouds):
     x = {**stack_inputs([PointPreprocessing(num_points=P).load(clouds / "part0.ply")]), "image": np.zeros((1, 1, 64, 64), np.uint8)}
     dark, bright = ort(x)["grasp_position"], ort({**x, "image": np.full((1, 1, 64, 64), 255, np.uint8)})["grasp_position"]
     assert np.isfinite(dark).all() and not np.allclose(dark, bright)  # the image tokens reach the grasp head
+
+
+def test_depth_images_need_intrinsics_given_or_beside_them(exported, tmp_path):
+    import cv2
+
+    d = tmp_path / "depth"
+    d.mkdir()
+    depth = np.zeros((60, 80), np.uint16)
+    depth[10:50, 15:65] = 450
+    cv2.imwrite(str(d / "frame.png"), depth)
+    k = CameraIntrinsics(fx=200.0, fy=200.0, cx=40.0, cy=30.0, width=80, height=60)
+    (tmp_path / "cam.json").write_text(k.to_json())
+    score(str(exported), str(d), tmp_path / "none.csv", num_workers=0, progress=False)
+    (row,) = _rows(tmp_path / "none.csv")
+    assert "needs pinhole intrinsics" in row["error"] and "frame.png" in row["error"]
+    score(str(exported), str(d), tmp_path / "k.csv", num_workers=0, progress=False, intrinsics=tmp_path / "cam.json")
+    (row,) = _rows(tmp_path / "k.csv")
+    assert row["error"] == "" and json.loads(row["grasps"])[0]["position"][2] == pytest.approx(0.45, abs=0.05)
+    out = tmp_path / "r.jsonl"
+    Station(load_backend(exported), open_source(str(d), once=True, settle=0.0, poll=0.01), out, report_every=0, log=io.StringIO(),
+            warmup=False, intrinsics=tmp_path / "cam.json").run()
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["error"] is None and record["grasps"][0]["position"] == json.loads(row["grasps"])[0]["position"]
