@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):  # a checkpoint's one-off ONNX export: its summary only
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
     try:
         runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta, a.text)
