@@ -47,7 +47,9 @@ class TensorSpec:
         shape: dims, ``"N"`` for the dynamic batch axis.
         kind: ``"float"`` (compared by max |Δ| in parity checks), ``"decoded"`` (discrete
             decisions, compared by agreement), ``"box"`` / ``"box_score"`` / ``"box_label"``
-            (detections, compared as matched boxes: :mod:`export.parity`) or ``"input"``.
+            (detections, compared as matched boxes: :mod:`export.parity`), ``"heatmap"`` (a float
+            map normalised to its peak, compared by max |Δ| at the precision's ``heatmap_atol``)
+            or ``"input"``.
         description: what it holds.
         atol: parity tolerance of a float output in its own units, when the precision's default
             does not fit them (grasp positions in metres: 1 mm); the larger of the two applies.

@@ -107,6 +107,8 @@ class _HalfCompute(torch.nn.Module):
             if hasattr(text, "tokens"):  # an encoded prompt enters the fp16 fusion in fp16
                 text = type(text)(text.tokens.half(), text.positions.half(), text.padding_mask)
             kwargs["text"] = text
+        if getattr(d, "grade_heatmap_decoder", None) is not None:
+            kwargs["grade_map"] = True
         return d.decode(_to_float(d.model(x.half(), **kwargs)))
 
 

@@ -24,20 +24,25 @@ __all__ = ["ParityRow", "ParityReport", "Tolerance", "TOLERANCES", "check_parity
 @dataclass(frozen=True)
 class Tolerance:
     """Pass limits: ``atol`` on float outputs, ``min_agreement`` on decoded outputs (and on the
-    share of matched boxes), ``box_px`` on box corners, ``box_score``: boxes compared from this score."""
+    share of matched boxes), ``box_px`` on box corners, ``box_score``: boxes compared from this score,
+    ``heatmap_atol`` on outputs of kind ``heatmap`` (None = ``atol``): a map normalised to its own
+    peak (``grade_heatmap``) moves by more than the logits it comes from under reduced precision."""
 
     atol: float = 1e-4
     min_agreement: float = 1.0
     box_px: float = 0.5
     box_score: float = 0.3
+    heatmap_atol: float | None = None
 
 
 # by artefact precision: fp32 graphs must match to float noise and decide identically
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-4, 1.0),
-    "fp16": Tolerance(1e-2, 0.98),
-    "bf16": Tolerance(3e-2, 0.95),
-    "int8": Tolerance(0.1, 0.90),
+    # heatmaps normalised to their peak: the quickstart-text model's grade_heatmap moved by 0.048 (fp16)
+    # and 0.26 (INT8 Q/DQ) at most on 32 ELPV cells, while its grade_probs moved by 0.012 and 0.086
+    "fp16": Tolerance(1e-2, 0.98, heatmap_atol=0.1),
+    "bf16": Tolerance(3e-2, 0.95, heatmap_atol=0.25),
+    "int8": Tolerance(0.1, 0.90, heatmap_atol=0.4),
 }
 
 
@@ -108,7 +113,8 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spe
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             finite = bool(np.isfinite(b64).all())
             delta = float(np.abs(a64 - b64).max()) if a.size else 0.0
-            limit = max(tol.atol, float(spec.get("atol") or 0.0))  # an output's own tolerance in its units (grasp positions: 1 mm)
+            base = tol.heatmap_atol if kind == "heatmap" and tol.heatmap_atol is not None else tol.atol
+            limit = max(base, float(spec.get("atol") or 0.0))  # an output's own tolerance in its units (grasp positions: 1 mm)
             rows.append(ParityRow(name, kind, "max|Δ|", delta, limit, finite and delta <= limit, "" if finite else "non-finite values"))
     return rows
 

@@ -57,7 +57,7 @@ class GradeHeatmapDecoder(nn.Module):
         from lineside.export.deployable import TensorSpec
 
         h, w = self.grid
-        return [TensorSpec("grade_heatmap", "float32", ("N", 1, h, w), "float",
+        return [TensorSpec("grade_heatmap", "float32", ("N", 1, h, w), "heatmap",
                            "where the defective grades came from (grading class-activation map), 0..1, peak = P(defective)")]
 
     def forward(self, grade_map: Tensor, probs: Tensor) -> Tensor:

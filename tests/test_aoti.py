@@ -40,7 +40,7 @@ def test_package_builds_and_parity_passes(aoti_export):
     assert r.path.name == "model.pt2" and r.path.is_file()
     assert (r.path.parent / "metadata.json").is_file()
     assert r.parity is not None and r.parity.ok, r.parity.table()
-    assert {row.output for row in r.parity.rows} == {"grade_probs", "grade"}
+    assert {row.output for row in r.parity.rows} == {"grade_probs", "grade", "grade_heatmap"}
 
 
 def test_metadata_round_trip(aoti_export):
@@ -48,7 +48,7 @@ def test_metadata_round_trip(aoti_export):
     assert meta["format"] == "aoti" and meta["artefact"] == "model.pt2"
     assert meta["inputs"][0]["name"] == "image" and meta["inputs"][0]["dtype"] == "uint8"
     assert meta["inputs"][0]["shape"] == ["N", 1, 64, 64]
-    assert [o["name"] for o in meta["outputs"]] == ["grade_probs", "grade"]
+    assert [o["name"] for o in meta["outputs"]] == ["grade_probs", "grade", "grade_heatmap"]
     assert meta["aoti"]["device"] == "cpu" and meta["aoti"]["max_batch"] == 4
     assert meta["batch_sizes"] == [1, 4] and meta["max_batch_enforced"] is True
     assert meta["parity"]["ok"] is True
@@ -78,7 +78,7 @@ def test_embedded_metadata_when_json_is_missing(aoti_export, tmp_path):
     lone = tmp_path / "station.pt2"
     lone.write_bytes(aoti_export.path.read_bytes())
     backend = load_backend(lone)
-    assert backend.output_names == ["grade_probs", "grade"] and backend.metadata["format"] == "aoti"
+    assert backend.output_names == ["grade_probs", "grade", "grade_heatmap"] and backend.metadata["format"] == "aoti"
     assert backend(_frames(2))["grade_probs"].shape == (2, 4)
 
 

@@ -116,7 +116,7 @@ def test_deployable_outputs_and_onnx_parity_of_every_head(tmp_path) -> None:
     assert "boxes ≥ 0.3" in rows["boxes"].detail and not rows["boxes"].detail.startswith("0 boxes")  # boxes were compared
     meta = json.loads((tmp_path / "onnx" / "metadata.json").read_text())
     assert [(o["name"], o["kind"]) for o in meta["outputs"]][2:6] == [
-        ("grade_heatmap", "float"), ("boxes", "box"), ("box_scores", "box_score"), ("box_labels", "box_label")]
+        ("grade_heatmap", "heatmap"), ("boxes", "box"), ("box_scores", "box_score"), ("box_labels", "box_label")]
 
 
 def test_test_time_views_ensembles_and_peak_suppression() -> None:

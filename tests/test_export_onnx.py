@@ -50,7 +50,7 @@ def test_parity_passed_on_real_images_and_metadata_round_trips(exported):
                                  "description": meta["inputs"][0]["description"]}
     assert [(o["name"], o["dtype"], o["shape"], o["kind"]) for o in meta["outputs"]] == [
         ("grade_probs", "float32", ["N", 4], "float"), ("grade", "int64", ["N"], "decoded"),
-        ("grade_heatmap", "float32", ["N", 1, 2, 2], "float")]
+        ("grade_heatmap", "float32", ["N", 1, 2, 2], "heatmap")]
     pre = meta["preprocessing"]
     assert pre["input_size"] == [96, 80] and pre["train_size"] == [64, 64] and pre["tta_views"] == 2
     assert len(pre["normalisation"]["scale"]) == 1

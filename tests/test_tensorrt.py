@@ -82,7 +82,7 @@ def test_engine_metadata(engines, graphs, builder_flavour, precision: str) -> No
         assert info["ahead_of_time"] is True and info["built_on_gpu"] is None
     assert meta["source_onnx"] == os.path.abspath(graphs[precision])
     assert meta["inputs"][0]["shape"] == ["N", 1, 64, 64] and meta["inputs"][0]["dtype"] == "uint8"
-    assert [o["name"] for o in meta["outputs"]] == ["grade_probs", "grade"]
+    assert [o["name"] for o in meta["outputs"]] == ["grade_probs", "grade", "grade_heatmap"]
     assert meta["class_names"] and meta["preprocessing"]["input_size"] == [64, 64]
     if precision == "int8":
         assert meta["quantization"]["format"] == "QDQ"

@@ -96,7 +96,7 @@ def test_engine_gives_tensorrt_plan(onnx_model, tmp_path):
         assert not (model_dir / "1" / "model.onnx").exists()
         meta = json.loads((model_dir / "1" / "metadata.json").read_text())
         assert meta["artefact"] == "model.plan" and meta["format"] == "tensorrt" and "parity" not in meta
-        assert [o.name for o in cfg.output] == ["grade_probs", "grade"]
+        assert [o.name for o in cfg.output] == ["grade_probs", "grade", "grade_heatmap"]
 
 
 def test_engine_needs_gpu_instances(onnx_model, tmp_path, capsys):
