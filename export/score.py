@@ -355,6 +355,10 @@ def score(
                          "or re-export the checkpoint (grading models on images give grade_heatmap)")
     paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
+    if root:  # results, overlays and heatmaps written inside the input folder are not inputs of a later run
+        folders = [os.path.abspath(d) + os.sep for d in (overlays, heatmaps) if d]
+        files = {os.path.abspath(output), os.path.abspath(str(output) + ".partial.csv"), os.path.abspath(str(output) + ".metrics.json")}
+        paths = [p for p in paths if os.path.abspath(p) not in files and not any(os.path.abspath(p).startswith(f) for f in folders)]
     columns = _columns(class_names, grading, layout.has_boxes, bool(heatmaps))
     heatmap_dir = Path(heatmaps) if heatmaps else None
 

@@ -239,6 +239,17 @@ def test_score_gives_boxes_in_original_pixels_heatmaps_and_overlays(images, tmp_
     assert all(b["score"] >= 0.55 for b in hi) and len(hi) < len(lo)
 
 
+def test_outputs_written_inside_the_input_folder_are_not_inputs_next_time(tmp_path) -> None:
+    from lineside.export.score import score
+
+    for i in range(3):
+        Image.fromarray(textured(i)).save(tmp_path / f"f{i}.png")
+    kw = dict(overlays=tmp_path / "ov", heatmaps=tmp_path / "hm", num_workers=0, progress=False)
+    first = score(loaded(grading=False), str(tmp_path), tmp_path / "r.csv", **kw)
+    again = score(loaded(grading=False), str(tmp_path), tmp_path / "r.csv", **kw)
+    assert (first.total, first.scored) == (3, 3) and (again.total, again.skipped, again.scored, again.errors) == (3, 3, 0, 0)
+
+
 def test_localization_only_model_writes_no_grade_columns(images, tmp_path, capsys) -> None:
     from lineside.export.score import score
 
