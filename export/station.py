@@ -766,7 +766,9 @@ def main(argv: list[str] | None = None) -> int:
             what = f"clouds of {backend.num_points} points → grasps"
         else:
             c, (h, w) = backend.channels, backend.input_size
-            what = f"input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}"
+            what = f"input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}" if backend.class_names else f"input {c}x{h}x{w}"
+            if station.decode.layout.has_boxes:
+                what += f", boxes of {'/'.join(station.decode.layout.box_class_names)} ≥ {a.box_threshold:g}"
         resumed = f", {len(done)} files already recorded" if done and isinstance(source, FolderSource) else ""
         print(
             f"station: {backend.describe()} on {a.device}, {what}; "
