@@ -117,7 +117,8 @@ class PixelAUROC(nn.Module):
 
     Args:
         max_pixels: pixels kept per :meth:`update` call (uniform without replacement).
-        thresholds: passed to ``BinaryAUROC`` (``None`` = exact; an int = binned, constant memory).
+        thresholds: passed to ``BinaryAUROC``: ``None`` (default) = exact on the kept pixels; an int = bins
+            uniform in [0, 1], constant memory, but too coarse for rare defects whose heatmaps stay below 0.01.
         seed: subsampling seed (repeatable validation numbers).
 
     Shapes:
@@ -125,7 +126,7 @@ class PixelAUROC(nn.Module):
         0/1, has_mask (B,) bool (default all). compute: → float (nan without both classes).
     """
 
-    def __init__(self, max_pixels: int = 100_000, thresholds: int | None = 200, seed: int = 0) -> None:
+    def __init__(self, max_pixels: int = 50_000, thresholds: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.max_pixels = max_pixels
         self.auroc = BinaryAUROC(thresholds=thresholds)
@@ -182,7 +183,7 @@ class PerRegionOverlap(nn.Module):
 
     Args:
         max_fpr: integration limit (MVTec AD: 0.3).
-        num_bins: threshold resolution.
+        num_bins: threshold resolution (thresholds uniform in logit space, |logit| <= 12).
 
     Shapes:
         update: heatmap (B, H, W) probabilities in [0, 1] at the mask size, mask (B, H, W) 0/1.
@@ -202,7 +203,11 @@ class PerRegionOverlap(nn.Module):
         self._regions = 0
 
     def _bins(self, values: np.ndarray) -> np.ndarray:
-        return np.clip((values * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
+        # thresholds uniform in logit space (|logit| <= 12): defect heatmaps of rare defects put
+        # almost every pixel below 0.01, where uniform probability bins would merge them all
+        logit = np.log(np.clip(values, 1e-12, 1.0)) - np.log1p(-np.clip(values, 0.0, 1.0 - 1e-12))
+        t = (np.clip(logit, -12.0, 12.0) + 12.0) / 24.0
+        return np.clip((t * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
 
     @torch.no_grad()
     def update(self, heatmap: Tensor, mask: Tensor) -> None:
