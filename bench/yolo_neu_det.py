@@ -124,16 +124,24 @@ def _ultralytics_env(out: Path) -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(out / "ultralytics_config"))
 
 
-def train_yolo(data_yaml: Path, out: Path, minutes: float, imgsz: int, batch: int, workers: int, seed: int) -> dict:
-    """Train YOLO11n from ``yolo11n.yaml`` for ``minutes`` of wall time on CPU; return its run facts."""
+def train_yolo(data_yaml: Path, out: Path, minutes: float, imgsz: int, batch: int, workers: int, seed: int,
+               threads: int | None = None) -> dict:
+    """Train YOLO11n from ``yolo11n.yaml`` for ``minutes`` of wall time on CPU; return its run facts.
+
+    ``threads``: torch CPU threads for YOLO; ``None`` keeps ultralytics' default (CPUs - 1, at
+    most 8: one thread on a 2-core machine; its ``select_device`` resets torch to that).
+    """
     _ultralytics_env(out)
     try:
         from ultralytics import YOLO, settings
+        from ultralytics.utils import torch_utils
     except ImportError as exc:
         raise SystemExit(f"ultralytics is not importable ({exc}); install it outside the venv and put it on PYTHONPATH "
                          "(see this script's docstring)") from None
     settings.update({"sync": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False,
                      "raytune": False, "tensorboard": False, "wandb": False, "datasets_dir": str(out)})
+    if threads:
+        torch_utils.NUM_THREADS = threads
     model = YOLO("yolo11n.yaml")
     t0 = time.perf_counter()
     model.train(
@@ -148,7 +156,8 @@ def train_yolo(data_yaml: Path, out: Path, minutes: float, imgsz: int, batch: in
     best = Path(model.trainer.best)
     if not best.is_file():
         best = Path(model.trainer.last)
-    return {"YOLO": YOLO, "best": best, "train_minutes": train_s / 60, "epochs": epochs, "run": run}
+    return {"YOLO": YOLO, "best": best, "train_minutes": train_s / 60, "epochs": epochs, "run": run,
+            "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()
@@ -203,15 +212,16 @@ def eval_lineside(ckpt: Path, root: str | None, class_names: list[str], batch: i
     out["predict_s_per_image"] = (time.perf_counter() - t0) / n
     out["best_epoch"] = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
     out["image_size"] = size
+    out["threads"] = torch.get_num_threads()
     return out
 
 
 def table(rows: list[dict], class_names: list[str]) -> str:
-    head = ["tool", "input px", "train min", "epochs", "test mAP@0.5", "mAP@0.5:0.95", *[f"AP50 {c}" for c in class_names]]
+    head = ["tool", "input px", "torch threads", "train min", "epochs", "test mAP@0.5", "mAP@0.5:0.95", *[f"AP50 {c}" for c in class_names]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         minutes = f"{r['train_minutes']:.1f}" if r.get("train_minutes") is not None else "?"
-        cells = [r["tool"], str(r["imgsz"]), minutes, str(r["epochs"]), f"{r['map_50']:.3f}", f"{r['map']:.3f}",
+        cells = [r["tool"], str(r["imgsz"]), str(r.get("threads", "?")), minutes, str(r["epochs"]), f"{r['map_50']:.3f}", f"{r['map']:.3f}",
                  *[f"{r.get(f'ap_50/{c}', float('nan')):.2f}" for c in class_names]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -222,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=12.0, help="YOLO wall-clock training budget (lineside's NEU-DET fit: 12)")
     p.add_argument("--imgsz", type=int, default=192, help="YOLO input side (lineside's NEU-DET config: 192)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for YOLO (default: ultralytics' CPUs - 1)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="split seed (lineside's default 0) and YOLO's seed")
     p.add_argument("--root", default=None, help="NEU-DET folder (default ../shared/data/neu_det beside the repository)")
@@ -249,15 +260,14 @@ def main(argv: list[str] | None = None) -> None:
                      "epochs": epochs, **ls})
         print(f"lineside {a.lineside_ckpt}: map_50 {ls['map_50']:.3f} map {ls['map']:.3f}", flush=True)
 
-    y = train_yolo(data_yaml, out, a.minutes, a.imgsz, a.batch, a.workers, a.seed)
+    y = train_yolo(data_yaml, out, a.minutes, a.imgsz, a.batch, a.workers, a.seed, a.threads)
     print(f"YOLO11n: {y['epochs']} epochs in {y['train_minutes']:.1f} min, best {y['best']}", flush=True)
     ym = eval_yolo(y["YOLO"], y["best"], data_yaml, splits["test"], names, a.imgsz, a.batch)
     rows.append({"tool": "ultralytics YOLO11n (yolo11n.yaml)", "imgsz": a.imgsz, "train_minutes": y["train_minutes"],
-                 "epochs": y["epochs"], **ym})
+                 "epochs": y["epochs"], "threads": y["threads"], **ym})
 
     print(f"\nNEU-DET test split ({len(splits['test'])} images), lineside BoxMeanAP (torchmetrics COCO mAP); "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(table(rows, names))
     print(f"ultralytics' own val on the test split: mAP@0.5 {ym['ultralytics_map_50']:.3f}, "
           f"mAP@0.5:0.95 {ym['ultralytics_map']:.3f}")
