@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "grasp" not in loaded.tasks:
         raise SystemExit(f"{args.checkpoint}: the model has no grasp head (tasks {loaded.tasks})")
     dm = data_module(loaded.training_config.get("data") or {}, args)
+    if loaded.model.image_encoder is not None and not dm.image_size:
+        raise SystemExit(f"{args.checkpoint}: the model has an image encoder but its recorded data settings give no intensity image "
+                         "(RGB-D views need data.intensity_size)")
     test_tools, train_tools = dm.tool_split()
     t0 = time.perf_counter()
     ds = dm.dataset("test")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch = grasp_collate(chunk) if dm.features == "normals" else grasp_collate([{**s, "features": None} for s in chunk])
         t = time.perf_counter()
         with torch.inference_mode():
-            out = loaded.model(points=batch["points"], point_mask=batch["point_mask"], point_features=batch.get("point_features"))
+            out = loaded.model(image=batch.get("image") if loaded.model.image_encoder is not None else None,  # RGB-D checkpoints
+                               points=batch["points"], point_mask=batch["point_mask"], point_features=batch.get("point_features"))
             pos, app, clo, wid, sc = decoder.decode(out.grasp, batch["center"], batch["scale"])
         t_net += time.perf_counter() - t
         for j, s in enumerate(chunk):

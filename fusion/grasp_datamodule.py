@@ -107,6 +107,11 @@ class GraspDataModule(L.LightningDataModule):
         seed: view seeds (train ``seed``, val ``seed + 1``, test ``seed + 2``, train tools ``seed + 1000``).
         cache_dir: view cache root; default ``$LINESIDE_CACHE/grasp`` else ``~/.cache/lineside/grasp``.
         predict_split: which split ``predict`` runs on.
+        intensity_size: also give every view the camera's grey intensity image, ``image`` (B, 1, S, S) uint8
+            (RGB-D: same pose and intrinsics as the depth, central square resampled to S; see
+            :func:`~lineside.pointcloud.parts.render_intensity`), so a model with an image encoder
+            fuses image and point tokens. Enters the view cache key. (Not called ``image_size``: the CLI
+            carries same-named arguments of its default image data module over to this class.)
     """
 
     task = "grasp"
@@ -139,6 +144,7 @@ class GraspDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         predict_split: Literal["train", "val", "test"] = "test",
+        intensity_size: int | None = None,
     ) -> None:
         super().__init__()
         if features not in ("normals", None):
@@ -156,6 +162,7 @@ class GraspDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.predict_split = predict_split
+        self.image_size = int(intensity_size) if intensity_size else None  # S of the views' images, recorded in checkpoints
         self._view = dict(num_points=int(num_points), voxel_size=float(voxel_size), normal_radius=float(normal_radius),
                           noise_std=float(noise_std), dropout=float(dropout), mu=float(mu), num_samples=int(num_samples))
         self.distance, self.tool_distance = tuple(distance), tuple(tool_distance)
@@ -252,19 +259,23 @@ class GraspDataModule(L.LightningDataModule):
 
         cache = self.cache_dir
         if split == "train":
-            ds: Dataset = PartGraspDataset(self.num_train, self.view_config(), seed=self.seed, cache_dir=cache)
+            ds: Dataset = PartGraspDataset(self.num_train, self.view_config(), seed=self.seed, cache_dir=cache,
+                                          image_size=self.image_size)
             _, train_tools = self.tool_split() if self.train_tools_arg is not None else ([], [])
             if train_tools:
                 tools = WorkshopToolsDataset(self.resolved_tools_root, train_tools, self.train_tool_views,
-                                             self.view_config(tools=True), seed=self.seed + 1000, cache_dir=cache)
+                                             self.view_config(tools=True), seed=self.seed + 1000, cache_dir=cache,
+                                             image_size=self.image_size)
                 ds = ConcatDataset([ds, tools])
                 log.info("training adds %d views of tools %s", len(tools), train_tools)
         elif split == "val":
-            ds = PartGraspDataset(self.num_val, self.view_config(), seed=self.seed + 1, cache_dir=cache)
+            ds = PartGraspDataset(self.num_val, self.view_config(), seed=self.seed + 1, cache_dir=cache,
+                                  image_size=self.image_size)
         elif split == "test":
             test_tools, _ = self.tool_split()
             ds = WorkshopToolsDataset(self.resolved_tools_root, test_tools, self.views_per_tool,
-                                      self.view_config(tools=True), seed=self.seed + 2, cache_dir=cache)
+                                      self.view_config(tools=True), seed=self.seed + 2, cache_dir=cache,
+                                      image_size=self.image_size)
         else:
             raise ValueError(f"unknown split {split!r}; use train, val or test")
         self._generate(ds, split)

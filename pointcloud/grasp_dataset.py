@@ -33,11 +33,16 @@ center         (3,) float32    sensor (camera-frame) centre: ``sensor = normalis
 scale          () float32      metres per normalised unit
 part_id        int             index of the sample in its dataset
 mesh           str             JSON reference to the mesh in the camera frame (:func:`load_mesh`)
+image          (1, S, S) uint8 only with ``image_size=S``: the grey intensity image of the same view
+                               (:func:`~.parts.render_intensity`: same camera pose and intrinsics,
+                               central square of the frame, Lambertian ring-light shading, a seeded
+                               albedo in 0.5-1.0, 2 grey levels of noise)
 ============== =============== ===========================================================
 
 :func:`collate` stacks to ``points (B, P, 3)``, ``point_mask (B, P)``, ``features (B, P, 3)``,
 ``grasps (B, M_max, 11)`` zero-padded with ``grasp_mask (B, M_max)`` (True = real grasp),
-``center (B, 3)``, ``scale (B,)``, ``part_id (B,)`` int64 and ``mesh`` (list of B str).
+``center (B, 3)``, ``scale (B,)``, ``part_id (B,)`` int64, ``mesh`` (list of B str) and, when every
+sample has one, ``image (B, 1, S, S)`` uint8.
 
 Samples are cached as ``cache_dir/<key>/<index>.npz`` where ``key`` hashes the dataset config
 (seed included), so a run is reproducible and the second epoch reads files only.
@@ -64,7 +69,7 @@ from torch.utils.data import Dataset
 
 from .grasp_labels import GRASP_DIM, GraspScene, ParallelJawGripper, antipodal_grasps, evaluate_grasps, make_grasps
 from .io import CameraIntrinsics, PointCloud
-from .parts import PART_KINDS, look_at, make_part, random_part, random_rotation, render_partial_view
+from .parts import PART_KINDS, look_at, make_part, random_part, random_rotation, render_intensity, render_partial_view
 from .preprocess import preprocess_cloud
 
 __all__ = [
@@ -172,8 +177,11 @@ def _viewpoint(rng: np.random.Generator, distance: Sequence[float], target: np.n
     return target + d * rng.uniform(*distance)
 
 
-def _build_sample(mesh_world: o3d.geometry.TriangleMesh, cam_pose: np.ndarray, cfg: GraspViewConfig, rng: np.random.Generator, seed: int) -> dict:
-    """Render, preprocess and label one view; everything returned in the camera frame / normalised."""
+def _build_sample(mesh_world: o3d.geometry.TriangleMesh, cam_pose: np.ndarray, cfg: GraspViewConfig, rng: np.random.Generator, seed: int,
+                  image_size: int | None = None) -> dict:
+    """Render, preprocess and label one view; everything returned in the camera frame / normalised.
+    With ``image_size`` also the view's intensity image (its own seeded generator, so the points and
+    labels are those of the image-less view)."""
     view = render_partial_view(mesh_world, cam_pose, noise_std=cfg.noise_std, dropout=cfg.dropout, rng=rng)
     cloud = PointCloud(view.points_camera.copy(), source="<virtual depth camera>")
     ready = preprocess_cloud(cloud, cfg.num_points, voxel_size=cfg.voxel_size, normal_radius=cfg.normal_radius, min_points=16, rng=rng)
@@ -193,10 +201,14 @@ def _build_sample(mesh_world: o3d.geometry.TriangleMesh, cam_pose: np.ndarray, c
             break
     g = np.concatenate(keep)[: cfg.max_grasps] if keep else g[:0]
     t = ready.transform
+    image = None
+    if image_size:
+        img_rng = np.random.default_rng([seed, 17])
+        image = render_intensity(mesh_world, cam_pose, view.intrinsics, int(image_size), albedo=float(img_rng.uniform(0.5, 1.0)), rng=img_rng)[None]
     gn = g.copy()
     gn[:, 0:3] = t.to_normalized(g[:, 0:3])
     gn[:, 9] = g[:, 9] / t.scale
-    return {
+    out = {
         "points": ready.points.astype(np.float32),
         "point_mask": ready.mask.astype(bool),
         "features": ready.normals.astype(np.float32),
@@ -204,19 +216,25 @@ def _build_sample(mesh_world: o3d.geometry.TriangleMesh, cam_pose: np.ndarray, c
         "center": np.asarray(t.center, np.float32),
         "scale": np.asarray(t.scale, np.float32),
     }
+    if image is not None:
+        out["image"] = image
+    return out
 
 
 class _CachedGraspDataset(Dataset):
     """Shared caching: subclasses implement ``_generate(index) -> (sample, mesh_ref)`` and ``_key_extra``."""
 
-    def __init__(self, length: int, config: GraspViewConfig | None, seed: int, cache_dir: str | Path | None) -> None:
+    def __init__(self, length: int, config: GraspViewConfig | None, seed: int, cache_dir: str | Path | None,
+                 image_size: int | None = None) -> None:
         self.length = int(length)
+        self.image_size = int(image_size) if image_size else None
         self.config = config or GraspViewConfig()
         self.seed = int(seed)
         self.cache_dir = None
         if cache_dir is not None:
             self.cache_dir = Path(cache_dir) / self.config.key(
-                {"seed": self.seed, "dataset": type(self).__name__, "labels": LABEL_VERSION, **self._key_extra()})
+                {"seed": self.seed, "dataset": type(self).__name__, "labels": LABEL_VERSION, **self._key_extra(),
+                 **({"image_size": self.image_size} if self.image_size else {})})
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _key_extra(self) -> dict:
@@ -257,6 +275,7 @@ class PartGraspDataset(_CachedGraspDataset):
         length: number of samples. config: :class:`GraspViewConfig`. seed: dataset seed (sample ``i``
         draws from ``default_rng([seed, i])``). kinds: part kinds to draw from. cache_dir: npz cache root.
         max_tries: a view with fewer than 16 points is redrawn (next sub-seed) up to this often.
+        image_size: also render each view's intensity image, ``image`` (1, S, S) uint8 (enters the cache key).
     """
 
     def __init__(
@@ -267,10 +286,11 @@ class PartGraspDataset(_CachedGraspDataset):
         kinds: Sequence[str] = PART_KINDS,
         cache_dir: str | Path | None = None,
         max_tries: int = 5,
+        image_size: int | None = None,
     ) -> None:
         self.kinds = tuple(kinds)
         self.max_tries = max_tries
-        super().__init__(length, config, seed, cache_dir)
+        super().__init__(length, config, seed, cache_dir, image_size)
 
     def _key_extra(self) -> dict:
         return {"kinds": list(self.kinds)}
@@ -283,7 +303,7 @@ class PartGraspDataset(_CachedGraspDataset):
             part = random_part(rng, kind)
             cam = look_at(_viewpoint(rng, self.config.distance, np.zeros(3)))
             try:
-                sample = _build_sample(part.mesh, cam, self.config, rng, seed=int(rng.integers(1 << 31)))
+                sample = _build_sample(part.mesh, cam, self.config, rng, seed=int(rng.integers(1 << 31)), image_size=self.image_size)
             except ValueError as e:  # the camera saw too little: draw again
                 err = e
                 continue
@@ -304,6 +324,7 @@ class WorkshopToolsDataset(_CachedGraspDataset):
         tools: tool names (default: every row of ``manifest.csv`` whose mesh exists).
         views_per_tool: samples per tool. config / seed / cache_dir: as :class:`PartGraspDataset`
         (the default config places the camera 0.5-0.7 m away: tools are up to 0.3 m long).
+        image_size: as :class:`PartGraspDataset`.
     """
 
     def __init__(
@@ -314,6 +335,7 @@ class WorkshopToolsDataset(_CachedGraspDataset):
         config: GraspViewConfig | None = None,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        image_size: int | None = None,
     ) -> None:
         import csv
 
@@ -325,7 +347,8 @@ class WorkshopToolsDataset(_CachedGraspDataset):
         if not self.tools:
             raise FileNotFoundError(f"{self.root}: no tools/<name>/mesh.ply found for {list(tools)}")
         self.views_per_tool = int(views_per_tool)
-        super().__init__(len(self.tools) * self.views_per_tool, config or GraspViewConfig(distance=(0.5, 0.7)), seed, cache_dir)
+        super().__init__(len(self.tools) * self.views_per_tool, config or GraspViewConfig(distance=(0.5, 0.7)), seed, cache_dir,
+                         image_size)
 
     def _key_extra(self) -> dict:
         return {"tools": self.tools, "views": self.views_per_tool}
@@ -344,7 +367,7 @@ class WorkshopToolsDataset(_CachedGraspDataset):
         mesh.transform(pose)
         mesh.compute_triangle_normals()
         cam = look_at(_viewpoint(rng, self.config.distance, np.zeros(3)))
-        sample = _build_sample(mesh, cam, self.config, rng, seed=int(rng.integers(1 << 31)))
+        sample = _build_sample(mesh, cam, self.config, rng, seed=int(rng.integers(1 << 31)), image_size=self.image_size)
         sample["mesh"] = _mesh_ref(path=str(path.resolve()), scale=0.001, pose=np.linalg.inv(cam) @ pose)
         return sample
 
@@ -371,6 +394,8 @@ def collate(samples: Sequence[dict]) -> dict:
     }
     if all(s.get("features") is not None for s in samples):
         out["features"] = torch.from_numpy(np.stack([s["features"] for s in samples])).float()
+    if all(s.get("image") is not None for s in samples):
+        out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
     return out
 
 
