@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lineside.export.backends import Backend
 from lineside.export.point_inputs import PointPreprocessing, grasps_from_outputs, is_cloud_input, stack_inputs
-from lineside.export.score import ScoreSummary, _RowWriter
+from lineside.export.score import ScoreSummary, _RowWriter, open_journal
 from lineside.vision.io import InputError, collect_inputs
 
 __all__ = ["COLUMNS", "draw_grasp_overlay", "gripper_outline", "score_points"]
@@ -157,22 +157,8 @@ def score_points(
     else:  # a glob or a list: overlays keep the paths below the inputs' common folder (tools/*/point-cloud.ply share a name)
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     parquet = output.suffix.lower() == ".parquet"
-    writer = _RowWriter(output.with_name(output.name + ".partial.csv") if parquet else output, COLUMNS)
-    previous: list[dict] = []
-    if parquet and output.exists():
-        import pyarrow.parquet as pq
-
-        previous = [{c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS} for r in pq.read_table(output).to_pylist()]
-    done_rows = previous + writer.read_rows()
-    if retry_errors:
-        kept = [r for r in done_rows if not r.get("error")]
-        if len(kept) != len(done_rows):
-            previous = [r for r in previous if not r.get("error")]
-            writer.rewrite([r for r in writer.read_rows() if not r.get("error")])
-            done_rows = kept
-    done = {r["path"] for r in done_rows}
+    writer, previous, done = open_journal(output, COLUMNS, retry_errors, project=True)
     todo = [p for p in paths if p not in done]
 
     def load(path: str) -> dict | str:

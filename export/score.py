@@ -200,6 +200,37 @@ def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, h
     return cols + (["boxes"] if boxes else []) + (["heatmap"] if heatmap else []) + ["error"]
 
 
+def open_journal(
+    output: Path, columns: list[str], retry_errors: bool, project: bool = False
+) -> tuple[_RowWriter, list[dict], set[str]]:
+    """The results journal of a (resumable) scoring run: ``(writer, previous, done)``.
+
+    CSV outputs are the journal itself; a Parquet output is journalled to ``<output>.partial.csv``
+    and its earlier rows (``previous``) are read back so the final file keeps them. ``done`` holds
+    the paths already scored; with ``retry_errors`` rows with an error are dropped (from the journal
+    and ``previous``) so their inputs run again. ``project`` keeps only ``columns`` of earlier
+    Parquet rows.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    parquet = output.suffix.lower() == ".parquet"
+    writer = _RowWriter(output.with_name(output.name + ".partial.csv") if parquet else output, columns)
+    previous: list[dict] = []
+    if parquet and output.exists():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(output).to_pylist()
+        previous = ([{c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows] if project
+                    else [{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+    done_rows = previous + writer.read_rows()
+    if retry_errors:
+        kept = [r for r in done_rows if not r.get("error")]
+        if len(kept) != len(done_rows):
+            previous = [r for r in previous if not r.get("error")]
+            writer.rewrite([r for r in writer.read_rows() if not r.get("error")])
+            done_rows = kept
+    return writer, previous, {r["path"] for r in done_rows}
+
+
 def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -362,22 +393,8 @@ def score(
     columns = _columns(class_names, grading, layout.has_boxes, bool(heatmaps))
     heatmap_dir = Path(heatmaps) if heatmaps else None
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     parquet = output.suffix.lower() == ".parquet"
-    writer = _RowWriter(output.with_name(output.name + ".partial.csv") if parquet else output, columns)
-    previous: list[dict] = []
-    if parquet and output.exists():
-        import pyarrow.parquet as pq
-
-        previous = [{k: ("" if v is None else v) for k, v in r.items()} for r in pq.read_table(output).to_pylist()]
-    done_rows = previous + writer.read_rows()
-    if retry_errors:
-        kept = [r for r in done_rows if not r.get("error")]
-        if len(kept) != len(done_rows):
-            previous = [r for r in previous if not r.get("error")]
-            writer.rewrite([r for r in writer.read_rows() if not r.get("error")])
-            done_rows = kept
-    done = {r["path"] for r in done_rows}
+    writer, previous, done = open_journal(output, columns, retry_errors)
     todo = [p for p in paths if p not in done]
 
     overlay_dir = Path(overlays) if overlays else None
