@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from lineside.fusion.fusion_transformer import FusionOutput
 from lineside.fusion.localization_head import HEATMAP_PRIOR_BIAS, _branch
@@ -86,28 +87,11 @@ class QueryLocalizationOutput(NamedTuple):
 
 
 def box_cxcywh_to_xyxy(b: Tensor) -> Tensor:
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    return box_convert(b, "cxcywh", "xyxy")
 
 
 def box_xyxy_to_cxcywh(b: Tensor) -> Tensor:
-    x1, y1, x2, y2 = b.unbind(-1)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
-
-
-def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise GIoU of xyxy boxes: (N, 4), (M, 4) → (N, M)."""
-    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
-    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    union = area_a[:, None] + area_b[None] - inter
-    iou = inter / union.clamp_min(1e-7)
-    lt_c = torch.minimum(a[:, None, :2], b[None, :, :2])
-    rb_c = torch.maximum(a[:, None, 2:], b[None, :, 2:])
-    hull = (rb_c - lt_c).clamp_min(0).prod(-1)
-    return iou - (hull - union) / hull.clamp_min(1e-7)
+    return box_convert(b, "xyxy", "cxcywh")
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -330,15 +314,6 @@ def hungarian_match(logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes
     return torch.as_tensor(rows[order], dtype=torch.int64), torch.as_tensor(cols[order], dtype=torch.int64)
 
 
-def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Element-wise RetinaNet focal loss (summed by the caller)."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t) ** gamma
-    return loss * (alpha * target + (1 - alpha) * (1 - target)) if alpha >= 0 else loss
-
-
 def box_coverage(boxes: Tensor, valid: Tensor, h: int, w: int, sy: float, sx: float) -> Tensor:
     """(B, N, 4) xyxy pixels with (B, N) valid → (B, 1, h, w) coverage of each cell by the union of boxes."""
     b = boxes.shape[0]
@@ -451,7 +426,7 @@ class QueryLocalizationCriterion(nn.Module):
             target_cls[i, qi, labels[ti]] = 1.0
             src_boxes.append(boxes[i, qi])
             tgt_boxes.append(tboxes[ti])
-        ce = sigmoid_focal_loss(logits[keep].float(), target_cls[keep], self.focal_alpha, self.focal_gamma).sum() / num_boxes
+        ce = sigmoid_focal_loss(logits[keep].float(), target_cls[keep], self.focal_alpha, self.focal_gamma, reduction="sum") / num_boxes
         if src_boxes:
             src, tgt = torch.cat(src_boxes).float(), torch.cat(tgt_boxes)
             l1 = (src - tgt).abs().sum() / num_boxes
