@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,backbones,tensorrt]'
+	$(PY) -m pip install --quiet -e '.[dev,backbones,tensorrt,line]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -5,7 +5,7 @@
 
 import sys
 
-from lineside.fusion.crossval import main
+from lineside.cli.crossval import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@
 
 import sys
 
-from lineside.export.score import main
+from lineside.cli.score import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,9 @@
     python train.py test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
 """
 
-from lineside.fusion.training_cli import main
+import sys
+
+from lineside.cli.train import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Does the good-only PatchMemory add to the trained grader? Measured out-of-fold on ELPV.
 
-    python -m lineside.vision.patch_memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz
+    lineside patch-memory crossval --folds 5 --out runs/patch_memory/elpv_cv.npz
     python bench/anomaly_fusion.py --scores runs/patch_memory/elpv_cv.npz --run runs/el_grading_cv
 
 Both inputs hold predictions for the same 5 module-block folds (each cell scored by models and
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from lineside.fusion.crossval import _load_run  # noqa: E402
 from lineside.fusion.ensemble import _score, fit_grade_bias, grade_metrics  # noqa: E402
 from lineside.vision.elpv import elpv_records  # noqa: E402
-from lineside.vision.patch_memory import _auroc, _rank  # noqa: E402
+from lineside.vision.patch_memory_scoring import anomaly_auroc as _auroc, empirical_rank as _rank  # noqa: E402
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 SHAPE = np.array([0.0, 1 / 3, 2 / 3, 1.0])  # evidence of a defect pushes towards the severe grades
@@ -86,7 +86,7 @@ def _row(name: str, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scores", required=True, help="npz from `python -m lineside.vision.patch_memory crossval --out`")
+    ap.add_argument("--scores", required=True, help="npz from `lineside patch-memory crossval --out`")
     ap.add_argument("--run", required=True, help="a finished crossval.py run folder on the same folds")
     ap.add_argument("--folds", type=int, default=5)
     a = ap.parse_args(argv)

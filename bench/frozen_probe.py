@@ -36,7 +36,7 @@ from lineside.fusion.crossval import _fmt, _load_run  # noqa: E402
 from lineside.fusion.ensemble import grade_metrics  # noqa: E402
 from lineside.vision.elpv import elpv_block_folds  # noqa: E402
 from lineside.vision.image_encoder import ImageEncoder  # noqa: E402
-from lineside.vision.patch_memory import image_batches  # noqa: E402
+from lineside.vision.patch_memory_scoring import image_batches  # noqa: E402
 from lineside.vision.pretrained import PretrainedWeightsError  # noqa: E402
 
 

@@ -33,13 +33,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from lineside.export.backends import OnnxRuntimeBackend  # noqa: E402
+from lineside.runtime import OnnxRuntimeBackend  # noqa: E402
 from lineside.export.quantize import export_int8  # noqa: E402
 from lineside.fusion.ensemble import grade_metrics  # noqa: E402
 from lineside.vision.elpv import elpv_records  # noqa: E402
 from lineside.vision.io import read_image  # noqa: E402
 from lineside.vision.preprocess import frames_to_batch  # noqa: E402
 from lineside.vision.splits import block_split  # noqa: E402
+from lineside.runtime.verify import verify_artefact  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -90,7 +91,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     t0 = time.perf_counter()
-    r = export_int8(a.ckpt, None, a.out, calib_images=a.calib_images, method=a.method)
+    r = export_int8(a.ckpt, None, a.out, calib_images=a.calib_images, method=a.method, verify=verify_artefact)
     export_s = time.perf_counter() - t0
     for report in r.parity.values():
         print(report.table())

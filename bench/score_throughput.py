@@ -28,14 +28,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from lineside.export.backends import TorchBackend, load_backend  # noqa: E402
+from lineside.runtime import TorchBackend, load_backend  # noqa: E402
 from lineside.export.checkpoint import LoadedModel, instantiate_config, load_inspection_model  # noqa: E402
 from lineside.export.deployable import build_deployable  # noqa: E402
 from lineside.export.onnx_export import export_onnx  # noqa: E402
-from lineside.export.score import score  # noqa: E402
+from lineside.runtime.score import score  # noqa: E402
 from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_records  # noqa: E402
 from lineside.vision.io import read_image  # noqa: E402
 from lineside.vision.preprocess import frames_to_batch  # noqa: E402
+from lineside.runtime.verify import verify_artefact  # noqa: E402
 
 
 def _model(ckpt: str | None, image_size: int) -> LoadedModel:
@@ -60,7 +61,7 @@ def main() -> None:
     size = (loaded.image_size, loaded.image_size)
     frames = frames_to_batch([read_image(p, loaded.channels) for p in paths], size)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(loaded, Path(tmp) / "onnx", tta_views=a.tta, parity_images=16).path
+        onnx_path = export_onnx(loaded, Path(tmp) / "onnx", tta_views=a.tta, parity_images=16, verify=verify_artefact).path
         backends = {
             "torch": TorchBackend(deployable=build_deployable(loaded, tta_views=a.tta), loaded=loaded),
             "onnxruntime": load_backend(onnx_path),

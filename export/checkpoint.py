@@ -10,11 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lineside.fusion.checkpoint_file import CheckpointError, read_checkpoint
+
 __all__ = ["CheckpointError", "LoadedModel", "instantiate_config", "load_inspection_model"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or lacks what is needed to rebuild the model."""
 
 
 @dataclass
@@ -87,16 +85,18 @@ def instantiate_config(config: Any, offline_weights: bool = True) -> Any:
     return config
 
 
-def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
+def load_inspection_model(
+    ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False
+) -> LoadedModel:
     """Rebuild the trained model from a ``train.py`` checkpoint (an ``InspectionModel``) or a
-    ``crossval.py`` ensemble checkpoint (an :class:`fusion.ensemble.InspectionEnsemble`)."""
+    ``crossval.py`` ensemble checkpoint (an :class:`fusion.ensemble.InspectionEnsemble`).
+
+    The file is read with ``weights_only=True`` (:func:`lineside.fusion.checkpoint_file.read_checkpoint`);
+    one whose pickle asks for more is refused with a :class:`CheckpointError` unless
+    ``trust_checkpoint`` (``--trust-checkpoint``) says it comes from a trusted source.
+    """
     ckpt_path = os.fspath(ckpt_path)
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
-    try:
-        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({exc})") from exc
+    ckpt = read_checkpoint(ckpt_path, map_location, trust_checkpoint)
     meta = ckpt.get("lineside") if isinstance(ckpt, dict) else None
     if not meta or not meta.get("model_config"):
         raise CheckpointError(
@@ -132,7 +132,7 @@ def load_inspection_model(ckpt_path: str | os.PathLike, map_location: str | torc
             "ensemble": _plain({k: v for k, v in (ensemble or {}).items() if k != "member_configs"}),
         },
         box_class_names=list(meta.get("box_class_names") or []),
-        tasks=list(meta.get("tasks") or getattr(model, "tasks", None) or ["grading"]),
+        tasks=list(meta.get("tasks") or getattr(model, "task_names", None) or ["grading"]),
         points=_plain({**{k: meta[k] for k in ("grasp_top_k", "grasp_nms_radius") if meta.get(k) is not None}, **(meta.get("points") or {})}),
     )
 

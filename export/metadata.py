@@ -73,8 +73,9 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
             "input_size": list(deployable.input_size),
             "train_size": list(deployable.train_size),
             "channels": deployable.channels,
-            "resize": "bilinear, half-pixel centres, no antialias (OpenCV INTER_LINEAR), inside the graph; "
-            "frames of another size are resized to input_size on the host with OpenCV INTER_LINEAR",
+            "resize": "bilinear, half-pixel centres, no antialias, 11-bit fixed point rounded to uint8 (bit-exact to OpenCV "
+            "INTER_LINEAR on uint8), integer arithmetic inside the graph; frames of another size are resized to input_size "
+            "on the host by the same function (lineside.vision.preprocess.resize_uint8)",
             "normalisation": norm,
             "tta_views": deployable.tta_views,
             "text_prompt": getattr(deployable, "text_prompt", None),

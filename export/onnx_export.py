@@ -26,29 +26,24 @@ or ``--calib DIR`` of .ply/.pcd/.npy clouds in metres), prepared as in training
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from lineside.export.backends import OnnxRuntimeBackend, TorchBackend
 from lineside.export.calibration import real_images
 from lineside.export.checkpoint import LoadedModel, load_inspection_model
 from lineside.export.deployable import DeployableModel, build_deployable, parse_size
 from lineside.export.metadata import build_metadata, write_metadata
-from lineside.export.parity import ParityReport, check_parity
+from lineside.export.parity import ParityReference, ParityReport, Verifier, tolerance_for
 from lineside.export.trt_ops import unsupported_ops
 
-__all__ = ["OPSET", "ExportResult", "export_onnx", "onnx_graph", "parse_batch_sizes", "main"]
+__all__ = ["OPSET", "ExportResult", "export_onnx", "onnx_graph", "parse_batch_sizes"]
 
 log = logging.getLogger("lineside.export")
 
@@ -194,14 +189,20 @@ def export_onnx(
     tta_views: int | None = None,
     simplify: bool = True,
     text_prompt: str | None = None,
+    verify: Verifier | None = None,
+    trust_checkpoint: bool = False,
+    tolerance=None,
 ) -> ExportResult:
     """Export a checkpoint to ``out_dir/model.onnx`` + ``metadata.json`` and check parity on real images.
 
     Returns an :class:`ExportResult`; ``result.ok`` is False when parity failed (the files stay,
     for inspection). ``parity_images=0`` skips the check (tests of the exporter itself).
+    ``trust_checkpoint``: see :func:`export.checkpoint.load_inspection_model`. ``tolerance``: parity
+    overrides (``--parity-tolerance`` text, a mapping or a :class:`export.parity.Tolerance`) on top of
+    the precision's limits (:func:`export.parity.tolerance_for`).
     """
     start = time.perf_counter()
-    loaded = source if isinstance(source, LoadedModel) else load_inspection_model(source)
+    loaded = source if isinstance(source, LoadedModel) else load_inspection_model(source, trust_checkpoint=trust_checkpoint)
     deployable = build_deployable(loaded, parse_size(input_size) if isinstance(input_size, str) else input_size, tta_views, text_prompt)
     out = Path(out_dir)
     path = onnx_graph(deployable, out / "model.onnx", opset, fp16, simplify)
@@ -215,11 +216,10 @@ def export_onnx(
     )
     write_metadata(meta, path)
     result = ExportResult(path, meta, None, bad_ops)
-    if parity_images:
+    if parity_images and verify is not None:
         images = parity_inputs(deployable, loaded, calib, parity_images)
-        reference = TorchBackend(deployable=deployable, loaded=loaded)
-        candidate = OnnxRuntimeBackend(path)
-        result.parity = check_parity(reference, candidate, images, precision, batch_size=max(1, min(8, len(images))))
+        result.parity = verify(path, ParityReference(deployable, loaded), images, tolerance_for(precision, tolerance),
+                               batch_size=max(1, min(8, len(images))))
         meta["parity"] = result.parity.to_dict()
         write_metadata(meta, path)
     result.metadata = meta
@@ -241,44 +241,3 @@ def parity_inputs(deployable: DeployableModel, loaded: LoadedModel, calib: str |
         m = min(len(frames), len(clouds["points"]))
         clouds = {"image": frames[:m], **{k: v[:m] for k, v in clouds.items()}}
     return clouds
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lineside export onnx", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="checkpoint from `lineside fit` or ensemble.ckpt from `lineside crossval`")
-    ap.add_argument("--out", required=True, help="output folder: model.onnx + metadata.json")
-    ap.add_argument("--input-size", default=None, help="H or HxW of the frames the graph takes (default: the training size)")
-    ap.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to serve (recorded; TensorRT profiles use them)")
-    ap.add_argument("--fp16", action="store_true", help="fp16 weights and compute (uint8 in, fp32 outputs)")
-    ap.add_argument("--opset", type=int, default=OPSET)
-    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="test-time views in the graph (default: as trained)")
-    ap.add_argument("--calib", default=None, help="folder / glob / CSV of your own images for the parity check (default: ELPV cells); "
-                    "point models: a folder / glob of .ply/.pcd/.npy clouds in metres (default: the workshop tools' scans)")
-    ap.add_argument("--parity-images", type=int, default=32)
-    ap.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
-    ap.add_argument("--text", default=None, help="models with a text encoder: the prompt baked into the graph (default: no text)")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        r = export_onnx(a.ckpt, a.out, a.input_size, parse_batch_sizes(a.batch_sizes), a.fp16, a.opset, a.calib,
-                        a.parity_images, a.tta, not a.no_simplify, a.text)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lineside export onnx: error: {exc}", file=sys.stderr)
-        return 1
-    size_mb = r.path.stat().st_size / 1e6
-    print(f"wrote {r.path} ({size_mb:.1f} MB, opset {a.opset}, {r.metadata['precision']}) and {r.path.parent / 'metadata.json'} in {r.seconds:.1f} s")
-    print("inputs:  " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["inputs"]))
-    print("outputs: " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["outputs"]))
-    if r.unsupported:
-        print("operators TensorRT's ONNX parser lacks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.unsupported.items())))
-    else:
-        print("TensorRT operator check: every operator is in TensorRT's ONNX support list")
-    if r.parity is not None:
-        print(r.parity.table())
-        (r.path.parent / "parity.json").write_text(json.dumps(r.parity.to_dict(), indent=2) + "\n")
-        if not r.parity.ok:
-            print("lineside export onnx: parity FAILED: the exported graph disagrees with the trained model", file=sys.stderr)
-            return 1
-    return 0 if not r.unsupported else 3

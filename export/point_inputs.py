@@ -279,8 +279,9 @@ def real_clouds(calib: str | os.PathLike | None, prep: PointPreprocessing, n: in
 
 # -- outputs --------------------------------------------------------------------------------------
 def grasps_from_outputs(outputs: dict[str, np.ndarray], i: int, digits: int = 6) -> list[dict] | None:
-    """The ranked grasps of cloud ``i`` as JSON-ready dicts (``position`` [x, y, z] m, ``approach``,
-    ``closing`` unit vectors, ``width`` m, ``score``); exhausted picks (score 0) are left out.
+    """The ranked grasps of cloud ``i`` as JSON-ready dicts (``position`` [x, y, z] m, the point midway
+    between the jaws, ``approach``, ``closing`` unit vectors, ``width`` m, the jaw width at the
+    contacts, ``score``); exhausted picks (score 0) are left out.
     None when the outputs carry no grasps."""
     if "grasp_position" not in outputs:
         return None

@@ -24,16 +24,14 @@ blocks). Only the network between the first convolution and the last MatMul/Gemm
 the uint8 ``image`` input, the in-graph resize and normalisation before it, and the softmax /
 test-time-view averaging / argmax decoders after it stay float and exact. Every graph is then
 checked against the eager model (or the fp32 graph when no checkpoint is at hand) on real
-images of the *val* blocks with the int8 tolerance of :mod:`export.parity`.
+images of the *val* blocks with the int8 tolerance of :mod:`export.parity` (decisions first, floats
+at limits derived from INT8's unit roundoff; ``tolerance=`` / ``--parity-tolerance`` overrides them).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -53,7 +51,6 @@ __all__ = [
     "graph_precision",
     "quantize_onnx",
     "export_int8",
-    "main",
 ]
 
 log = logging.getLogger("lineside.export")
@@ -217,23 +214,25 @@ def _int32_bias_inputs(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] in int32]
 
 
-def _reference_backend(meta: dict, loaded=None, fp32_path: Path | None = None):
-    """Eager torch on the source checkpoint when it is at hand, else ONNX Runtime on the fp32 graph."""
-    from lineside.export.backends import OnnxRuntimeBackend, TorchBackend
+def parity_reference(meta: dict, loaded=None, fp32_path: Path | None = None, trust_checkpoint: bool = False):
+    """What a reduced-precision artefact is checked against: eager torch on the source checkpoint
+    when it is at hand, else the fp32 graph it was made from (:class:`export.parity.ParityReference`).
+    ``trust_checkpoint``: see :func:`export.checkpoint.load_inspection_model`."""
+    from lineside.export.parity import ParityReference
 
     ckpt = meta.get("source_checkpoint")
     if loaded is not None or (ckpt and os.path.isfile(ckpt)):
         from lineside.export.checkpoint import load_inspection_model
         from lineside.export.deployable import build_deployable
 
-        loaded = loaded or load_inspection_model(ckpt)
+        loaded = loaded or load_inspection_model(ckpt, trust_checkpoint=trust_checkpoint)
         pre = meta.get("preprocessing") or {}
         size = tuple(pre["input_size"]) if pre.get("input_size") else None
         deployable = build_deployable(loaded, size, pre.get("tta_views"))
-        return TorchBackend(deployable=deployable, loaded=loaded)
+        return ParityReference(deployable, loaded)
     if fp32_path is None:
         raise QuantizeError("no reference for the parity check: neither the source checkpoint nor the fp32 graph is at hand")
-    return OnnxRuntimeBackend(fp32_path)
+    return ParityReference(path=Path(fp32_path))
 
 
 def _input_geometry(model, meta: dict) -> tuple[str, int, tuple[int, int]]:
@@ -256,6 +255,9 @@ def quantize_onnx(
     method: str = "minmax",
     loaded=None,
     float_convs: int = FLOAT_CONVS,
+    verify=None,
+    trust_checkpoint: bool = False,
+    tolerance=None,
 ) -> Int8Result:
     """Quantize the fp32 graph ``onnx_path`` into the INT8 ``formats`` in ``out_dir`` (default: beside it).
 
@@ -269,16 +271,19 @@ def quantize_onnx(
         method: ``minmax`` | ``entropy`` | ``percentile`` activation-range calibration.
         loaded: the already loaded checkpoint (parity reference), else the metadata's source checkpoint.
         float_convs: how many of the first convolutions stay float (see :func:`float_inside`).
+        trust_checkpoint: the metadata's source checkpoint may load as a full pickle when a weights-only
+            load refuses it (see :func:`export.checkpoint.load_inspection_model`).
+        verify: runs each graph against its reference (:class:`export.parity.Verifier`); None skips parity.
+        tolerance: parity overrides on the int8 limits (``--parity-tolerance`` text, a mapping or a
+            :class:`export.parity.Tolerance`; :func:`export.parity.tolerance_for`).
     """
     import inspect
 
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from lineside.export.backends import OnnxRuntimeBackend
     from lineside.export.calibration import real_images
     from lineside.export.metadata import package_versions, read_metadata, write_metadata
-    from lineside.export.parity import check_parity
     from lineside.export.trt_ops import unsupported_ops
 
     start = time.perf_counter()
@@ -364,11 +369,14 @@ def quantize_onnx(
             result.paths[fmt], result.metadata[fmt] = dst, meta
     result.paths = {f: result.paths[f] for f in formats}
 
-    if parity_images:
+    if parity_images and verify is not None:
+        from lineside.export.parity import tolerance_for
+
+        tol = tolerance_for("int8", tolerance)
         pimages, _ = real_images(calib, size, channels, parity_images, split="val")
-        reference = _reference_backend(base_meta, loaded, src)
+        reference = parity_reference(base_meta, loaded, src, trust_checkpoint)
         for fmt, dst in result.paths.items():
-            report = check_parity(reference, OnnxRuntimeBackend(dst), pimages, "int8", batch_size=max(1, min(16, len(pimages))))
+            report = verify(dst, reference, pimages, tol, batch_size=max(1, min(16, len(pimages))))
             result.parity[fmt] = report
             result.metadata[fmt]["parity"] = report.to_dict()
             write_metadata(result.metadata[fmt], dst, own_file=True)
@@ -388,8 +396,12 @@ def export_int8(
     input_size=None,
     batch_sizes: Sequence[int] = (1, 8, 32),
     float_convs: int = FLOAT_CONVS,
+    verify=None,
+    trust_checkpoint: bool = False,
+    tolerance=None,
 ) -> Int8Result:
-    """``--ckpt``: export the fp32 graph to ``out_dir/model.onnx`` first; ``--onnx``: start from that graph."""
+    """``--ckpt``: export the fp32 graph to ``out_dir/model.onnx`` first; ``--onnx``: start from that graph.
+    ``trust_checkpoint``: see :func:`export.checkpoint.load_inspection_model`; ``tolerance``: see :func:`quantize_onnx`."""
     if (ckpt is None) == (onnx_path is None):
         raise QuantizeError("give exactly one of --ckpt (a checkpoint) or --onnx (an fp32 model.onnx)")
     loaded = None
@@ -397,53 +409,8 @@ def export_int8(
         from lineside.export.checkpoint import load_inspection_model
         from lineside.export.onnx_export import export_onnx
 
-        loaded = load_inspection_model(ckpt)
+        loaded = load_inspection_model(ckpt, trust_checkpoint=trust_checkpoint)
         r = export_onnx(loaded, out_dir, input_size=input_size, batch_sizes=batch_sizes, calib=calib, parity_images=0)
         onnx_path = r.path
-    return quantize_onnx(onnx_path, out_dir, calib, calib_images, parity_images, formats, method, loaded, float_convs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lineside export int8", description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint: the fp32 graph is exported to OUT/model.onnx first")
-    src.add_argument("--onnx", help="an fp32 model.onnx from `lineside export onnx`")
-    ap.add_argument("--out", required=True, help="folder for model.qdq.onnx, model.qoperator.onnx and their .json")
-    ap.add_argument("--calib", default=None, help="folder / glob / CSV of real frames (default: ELPV train-block cells)")
-    ap.add_argument("--calib-images", type=int, default=256)
-    ap.add_argument("--parity-images", type=int, default=64, help="frames for the parity check (ELPV val blocks or --calib); 0 skips")
-    ap.add_argument("--formats", default="qdq,qoperator", help="qdq (TensorRT), qoperator (ONNX Runtime CPU), or both")
-    ap.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"], help="activation-range calibration")
-    ap.add_argument("--float-convs", type=int, default=FLOAT_CONVS, help="how many of the first convolutions stay float")
-    ap.add_argument("--input-size", default=None, help="with --ckpt: H or HxW of the frames the graph takes")
-    ap.add_argument("--batch-sizes", default="1,8,32", help="with --ckpt: batch sizes recorded in the metadata")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from lineside.export.onnx_export import parse_batch_sizes
-
-    try:
-        r = export_int8(a.ckpt, a.onnx, a.out, a.calib, a.calib_images, a.parity_images,
-                        [f.strip() for f in a.formats.split(",") if f.strip()], a.method, a.input_size, parse_batch_sizes(a.batch_sizes),
-                        a.float_convs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lineside export int8: error: {exc}", file=sys.stderr)
-        return 1
-    src_mb = r.source.stat().st_size / 1e6
-    cal = r.calibration
-    print(f"calibrated on {cal['n_images']} real frames ({cal['source']}, {cal['method']}) in {r.seconds:.1f} s")
-    print(f"  {'graph':<24} {'for':<16} {'MB':>6} {'vs fp32':>8}  quantized ops")
-    print(f"  {r.source.name:<24} {'(fp32 source)':<16} {src_mb:>6.2f} {'1.00x':>8}")
-    for fmt, path in r.paths.items():
-        mb = path.stat().st_size / 1e6
-        q = r.metadata[fmt]["quantization"]["quantized_ops"]
-        print(f"  {path.name:<24} {INT8_FORMATS[fmt][1]:<16} {mb:>6.2f} {src_mb / mb:>7.2f}x  " + ", ".join(f"{k} x{v}" for k, v in q.items()))
-    for fmt, report in r.parity.items():
-        print(report.table())
-    if r.parity:
-        (Path(a.out) / "parity.int8.json").write_text(json.dumps({f: p.to_dict() for f, p in r.parity.items()}, indent=2) + "\n")
-    if not r.ok:
-        print("lineside export int8: parity FAILED: an INT8 graph disagrees with the trained model beyond the int8 tolerance", file=sys.stderr)
-        return 1
-    return 0
+    return quantize_onnx(onnx_path, out_dir, calib, calib_images, parity_images, formats, method, loaded, float_convs, verify,
+                         trust_checkpoint, tolerance)

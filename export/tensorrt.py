@@ -23,32 +23,26 @@ built by another flavour or version of TensorRT or for another GPU before deseri
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
-from lineside.export.backends import Backend, BackendError
 
 __all__ = [
     "FLAVOURS",
     "EngineResult",
-    "TensorRTBackend",
     "TensorRTError",
     "batch_profile",
     "build_engine",
     "engine_problems",
     "export_tensorrt",
     "import_tensorrt",
-    "main",
     "parse_gpu_arch",
 ]
 
@@ -438,9 +432,20 @@ def export_tensorrt(
     hardware_compat: str = "none",
     input_size=None,
     parity_images: int = 32,
+    verify=None,
+    trust_checkpoint: bool = False,
+    tolerance=None,
 ) -> EngineResult:
-    """The graph for ``precision`` (exported / quantized first when needed), then the engine; parity on a GPU."""
+    """The graph for ``precision`` (exported / quantized first when needed), then the engine; parity on a GPU.
+
+    ``trust_checkpoint``: see :func:`export.checkpoint.load_inspection_model` (the checkpoint given, or
+    the one an ONNX graph's metadata names as its source for the parity reference). ``tolerance``:
+    parity overrides on the precision's limits (``--parity-tolerance``; :func:`export.parity.tolerance_for`),
+    for the graph's check in ONNX Runtime and the engine's on a GPU."""
+    from lineside.export.parity import tolerance_for
     from lineside.export.quantize import graph_precision, quantize_onnx
+
+    tolerance_for(precision, tolerance)  # a malformed override fails before anything is built
 
     if (ckpt is None) == (onnx_path is None):
         raise TensorRTError("give exactly one of --ckpt (a checkpoint) or --onnx (an ONNX graph)")
@@ -453,9 +458,9 @@ def export_tensorrt(
         from lineside.export.checkpoint import load_inspection_model
         from lineside.export.onnx_export import export_onnx
 
-        loaded = load_inspection_model(ckpt)
+        loaded = load_inspection_model(ckpt, trust_checkpoint=trust_checkpoint)
         r = export_onnx(loaded, out / "onnx", input_size=input_size, batch_sizes=batch_sizes, fp16=precision == "fp16", calib=calib,
-                        parity_images=parity_images)
+                        parity_images=parity_images, verify=verify, tolerance=tolerance)
         graph = r.path
         notes.append(f"ONNX graph {graph} ({r.metadata['precision']})")
         _gate(r.parity, f"the {precision} ONNX graph", notes)
@@ -465,29 +470,29 @@ def export_tensorrt(
             raise TensorRTError(f"{graph}: ONNX file not found")
     if precision == "int8" and graph_precision(graph) == "fp32":
         q = quantize_onnx(graph, graph.parent if ckpt is not None else out / "onnx", calib, calib_images,
-                          parity_images=parity_images, formats=("qdq",), loaded=loaded)
+                          parity_images=parity_images, formats=("qdq",), loaded=loaded, verify=verify, trust_checkpoint=trust_checkpoint,
+                          tolerance=tolerance)
         graph = q.paths["qdq"]
         notes.append(f"INT8 Q/DQ graph {graph} (calibrated on {q.calibration['n_images']} frames of {q.calibration['source']})")
         _gate(q.parity.get("qdq"), "the INT8 Q/DQ graph", notes)
     result = build_engine(graph, out, precision, batch_sizes, flavour, gpu_arch, opt_batch, workspace_mb, hardware_compat)
     result.notes = notes
     # parity of the engine itself needs the GPU it was built for
-    if parity_images and _cuda_available():
+    if parity_images and verify is not None and _cuda_available():
+        from lineside.export.calibration import real_images
+        from lineside.export.metadata import write_metadata
+        from lineside.export.quantize import parity_reference
+
+        image = next(i for i in result.metadata["inputs"] if i["name"] == "image")
+        images, _ = real_images(calib, tuple(image["shape"][2:4]), int(image["shape"][1]), parity_images, split="val")
+        # eager torch on the checkpoint when at hand, else the graph the engine was built from in ONNX Runtime
+        reference = parity_reference(result.metadata, loaded, Path(result.metadata["source_onnx"]), trust_checkpoint)
         try:
-            engine = TensorRTBackend(result.path)
-        except BackendError as exc:
+            result.parity = verify(result.path, reference, images, tolerance_for(precision, tolerance), device="cuda",
+                                   batch_size=max(1, min(8, len(images))))
+        except RuntimeError as exc:  # the engine cannot run on this GPU / runtime
             result.notes.append(f"engine parity skipped: {exc}")
         else:
-            from lineside.export.calibration import real_images
-            from lineside.export.parity import check_parity
-            from lineside.export.quantize import _reference_backend
-
-            images, _ = real_images(calib, engine.input_size, engine.channels, parity_images, split="val")
-            # eager torch on the checkpoint when at hand, else the graph the engine was built from in ONNX Runtime
-            reference = _reference_backend(result.metadata, loaded, Path(result.metadata["source_onnx"]))
-            result.parity = check_parity(reference, engine, images, precision, batch_size=max(1, min(8, len(images))))
-            from lineside.export.metadata import write_metadata
-
             result.metadata["parity"] = result.parity.to_dict()
             write_metadata(result.metadata, result.path, own_file=(result.path.with_name("model.engine.json")).is_file())
     elif parity_images:
@@ -496,19 +501,24 @@ def export_tensorrt(
 
 
 def _gate(report, what: str, notes: list[str]) -> None:
-    """Stop on a graph whose float outputs (or anything but decided-class agreement) fail parity in ONNX Runtime.
+    """Stop before building an engine from a graph that failed parity in ONNX Runtime (the rules of
+    :mod:`export.parity`: decisions first, near ties forgiven, floats at the precision's derived limits).
 
-    A lower agreement alone comes from near-tied classes flipping under another numeric path
-    (ONNX Runtime's CPU fp16/int8 kernels are not TensorRT's): noted, not fatal; the engine's
-    own parity runs on the GPU.
+    The error names each failing output with its value and limit, and the flags that accept it
+    (``--parity-tolerance``) or skip the check (``--parity-images 0``). A passing report goes into
+    ``notes`` (the command prints them), with a line for float rows that passed only because every
+    decision row passed.
     """
-    if report is None or report.ok:
+    if report is None:
         return
-    if all(r.ok or r.metric == "agreement" for r in report.rows):
-        notes.append(f"{what}: decided classes agree below the tolerance in ONNX Runtime (near ties), float outputs within it:\n"
-                     + report.table())
+    if report.ok:
+        notes.append(report.table())
+        above = [r for r in report.rows if r.metric == "max|Δ|" and r.value > r.limit]
+        if above:
+            notes.append(f"{what}: " + ", ".join(f"{r.output} max|Δ| {r.value:.2e} above its {report.precision} limit {r.limit:.2e}"
+                                                 for r in above) + ", accepted: every decision row passes")
         return
-    raise TensorRTError(f"{what} failed its parity check:\n{report.table()}")
+    raise TensorRTError(f"{what} failed its parity check: {report.failure_message()}\n{report.table()}")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -547,175 +557,3 @@ def engine_problems(meta: dict, flavour: str | None, version: str | None, capabi
             problems.append(f"it was built for GPU {wanted}, this GPU is {gpu}; rebuild it for this GPU"
                             + (" (--gpu-arch current)" if want_f == "tensorrt_rtx" else " on this station"))
     return problems
-
-
-_TORCH_DTYPES = {
-    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-    "INT32": "int32", "INT64": "int64", "BOOL": "bool",
-}
-
-
-class TensorRTBackend(Backend):
-    """A ``model.engine`` on the TensorRT runtime it was built for (full TensorRT or TensorRT-RTX), on an NVIDIA GPU.
-
-    Before deserialising, the engine's metadata is checked against the installed runtime
-    (flavour and version) and the GPU (compute capability); a mismatch is a :class:`BackendError`
-    that says what was built for what. I/O tensors are torch CUDA tensors (no pycuda).
-
-    Args:
-        path: the ``.engine`` / ``.plan`` file (metadata beside it).
-        device: ``cuda`` / ``cuda:N`` (``cpu``, the generic default of ``load_backend``, means ``cuda:0``).
-    """
-
-    name = "tensorrt"
-
-    def __init__(self, path: str | os.PathLike, device: str = "cuda", **_: Any) -> None:
-        from lineside.export.metadata import MetadataError, file_sha256, read_metadata
-
-        device = "cuda:0" if device in ("cpu", "cuda", "", None) else device
-        if not str(device).startswith("cuda"):
-            raise BackendError(f"TensorRT engines run on an NVIDIA GPU; device {device!r} is not one")
-        super().__init__(path, device)
-        if not os.path.isfile(self.path):
-            raise BackendError(f"{self.path}: engine file not found")
-        try:
-            self.metadata = read_metadata(self.path)
-        except MetadataError as exc:
-            raise BackendError(str(exc)) from exc
-        info = self.metadata.get("tensorrt") or {}
-        flavour = info.get("flavour")
-        trt = import_tensorrt(flavour) if flavour in FLAVOURS else None
-        here_flavour, here_version = (flavour, str(trt.__version__)) if trt is not None else next(
-            ((f, str(m.__version__)) for f, m in _installed().items()), (None, None))
-        problems = engine_problems(self.metadata, here_flavour, here_version)
-        if problems:
-            raise BackendError(f"{self.path}: refused: " + "; ".join(problems))
-        want_sha = self.metadata.get("artefact_sha256")
-        if want_sha and file_sha256(self.path) != want_sha:
-            raise BackendError(f"{self.path}: its metadata describes another engine file (sha256 differs); rebuild or copy both together")
-        if not _cuda_available():
-            raise BackendError(f"{self.path}: running a TensorRT engine needs an NVIDIA GPU with CUDA; none is visible here "
-                               "(torch.cuda.is_available() is False). Use the ONNX graph with ONNX Runtime on this machine")
-        capability, gpu = _device_capability(device), _device_name(device)
-        problems = engine_problems(self.metadata, here_flavour, here_version, capability, gpu)
-        if problems:
-            raise BackendError(f"{self.path}: refused: " + "; ".join(problems))
-        self.trt, self.flavour = trt, flavour
-        self.precision = self.metadata.get("precision", "fp32")
-        self.name = f"tensorrt-{self.precision}" if flavour == "tensorrt" else f"tensorrt_rtx-{self.precision}"
-        self._load()
-
-    def _load(self) -> None:
-        import torch
-
-        trt = self.trt
-        self.torch_device = torch.device(self.device)
-        torch.cuda.set_device(self.torch_device)
-        self._logger = _Logger(trt)
-        self.runtime = trt.Runtime(self._logger)
-        data = Path(self.path).read_bytes()
-        validity, diag = None, None
-        if hasattr(self.runtime, "get_engine_validity"):
-            try:
-                validity, diag = self.runtime.get_engine_validity(data[: getattr(self.runtime, "engine_header_size", len(data))])
-            except Exception:  # noqa: BLE001 - runtimes without the header check: the deserialiser decides
-                validity = None
-            if validity is not None and validity == trt.EngineValidity.INVALID:
-                raise BackendError(f"{self.path}: {_display(self.flavour, trt.__version__)} says the engine cannot run here (diagnostics {diag!r})")
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise BackendError(f"{self.path}: {_display(self.flavour, trt.__version__)} cannot deserialise it: " + "; ".join(self._logger.errors[-3:]))
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise BackendError(f"{self.path}: cannot create an execution context: " + "; ".join(self._logger.errors[-3:]))
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.engine_outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        missing = [n for n in self.output_names if n not in self.engine_outputs]
-        if missing:
-            raise BackendError(f"{self.path}: metadata lists outputs {missing} that the engine lacks ({self.engine_outputs})")
-        self._dtypes = {n: getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name]) for n in names}
-        self.stream = torch.cuda.Stream(self.torch_device)
-
-    def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_named({self.input_names[0]: image})
-
-    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        with torch.cuda.device(self.torch_device):
-            keep = []  # the input tensors stay alive until the engine has run
-            for name in self.input_names:
-                x = torch.from_numpy(inputs[name]).to(self.torch_device, non_blocking=True)
-                if x.dtype != self._dtypes[name]:
-                    x = x.to(self._dtypes[name])
-                x = x.contiguous()
-                keep.append(x)
-                self.context.set_input_shape(name, tuple(x.shape))
-                self.context.set_tensor_address(name, x.data_ptr())
-            outs = {}
-            for n in self.engine_outputs:
-                shape = tuple(self.context.get_tensor_shape(n))
-                outs[n] = torch.empty(shape, dtype=self._dtypes[n], device=self.torch_device)
-                self.context.set_tensor_address(n, outs[n].data_ptr())
-            self.stream.wait_stream(torch.cuda.current_stream(self.torch_device))
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise BackendError(f"{self.path}: TensorRT execution failed: " + "; ".join(self._logger.errors[-3:]))
-            self.stream.synchronize()
-        return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in outs.items() if n in self.output_names}
-
-    def close(self) -> None:
-        for attr in ("context", "engine", "runtime"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
-
-# -- command line ---------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    from lineside.export.onnx_export import parse_batch_sizes
-
-    ap = argparse.ArgumentParser(prog="lineside export tensorrt", description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint: the graph for --precision is exported to OUT/onnx/ first")
-    src.add_argument("--onnx", help="an ONNX graph from `lineside export onnx` / `lineside export int8` (fp32 graphs are quantized for int8)")
-    ap.add_argument("--out", required=True, help="output folder: model.engine + metadata.json")
-    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
-    ap.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to serve: profile min 1, opt the middle, max the largest")
-    ap.add_argument("--opt-batch", type=int, default=None, help="the profile's opt batch (default: the middle of --batch-sizes)")
-    ap.add_argument("--calib", default=None, help="int8: folder / glob / CSV of real frames (default: ELPV train-block cells)")
-    ap.add_argument("--calib-images", type=int, default=256)
-    ap.add_argument("--flavour", default="auto", choices=["auto", *FLAVOURS], help="auto: full TensorRT with a GPU, else TensorRT-RTX")
-    ap.add_argument("--gpu-arch", default=None,
-                    help="TensorRT-RTX targets: compute capabilities such as 8.6,8.9,12.0 or 'current' "
-                         "(default: this GPU, or without one every Ampere-or-newer target)")
-    ap.add_argument("--hardware-compat", default="none", choices=["none", "ampere+"], help="full TensorRT: one engine for Ampere and newer GPUs")
-    ap.add_argument("--workspace-mb", type=int, default=None)
-    ap.add_argument("--input-size", default=None, help="with --ckpt: H or HxW of the frames the engine takes")
-    ap.add_argument("--parity-images", type=int, default=32)
-    ap.add_argument("--verbose", action="store_true")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        r = export_tensorrt(a.ckpt, a.onnx, a.out, a.precision, parse_batch_sizes(a.batch_sizes), a.calib, a.calib_images, a.flavour,
-                            a.gpu_arch, a.opt_batch, a.workspace_mb, a.hardware_compat, a.input_size, a.parity_images)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lineside export tensorrt: error: {exc}", file=sys.stderr)
-        return 1
-    info, prof = r.metadata["tensorrt"], r.metadata["batch_profile"]
-    for note in r.notes:
-        print(note)
-    mb = r.path.stat().st_size / 1e6
-    where = "ahead of time" if info["ahead_of_time"] else f"on {info['built_on_gpu']}"
-    print(f"built {r.path} ({mb:.1f} MB, {r.metadata['precision']}) with {info['name']} {info['version']} {where} in {r.seconds:.1f} s")
-    print(f"  network layers: {r.layers}; GPU targets: compute capability {', '.join(info['compute_capabilities'])}"
-          + (" (hardware compatibility: Ampere+)" if info["hardware_compatibility"] == "ampere_plus" else ""))
-    print(f"  batch profile: min {prof['min']}, opt {prof['opt']}, max {prof['max']}; metadata: "
-          + str(r.path.with_name("model.engine.json") if r.path.with_name("model.engine.json").is_file() else r.path.parent / "metadata.json"))
-    if r.parity is not None:
-        print(r.parity.table())
-        if not r.parity.ok:
-            print("lineside export tensorrt: parity FAILED: the engine disagrees with the trained model", file=sys.stderr)
-            return 1
-    return 0

@@ -22,21 +22,18 @@ most ``--max-queue-delay-us``. ``--ckpt`` exports the ONNX graph first, with its
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from lineside.export.metadata import MetadataError, read_metadata, write_metadata
 
-__all__ = ["TritonExportError", "TritonRepository", "model_config_pb2", "triton_config", "write_repository", "main", "TRITON_DTYPES"]
+__all__ = ["TritonExportError", "TritonRepository", "model_config_pb2", "triton_config", "write_repository", "TRITON_DTYPES"]
 
 
 class TritonExportError(RuntimeError):
@@ -315,59 +312,3 @@ def _ints(text: str, what: str) -> list[int]:
     if not vals:
         raise TritonExportError(f"{what} {text!r}: give at least one")
     return vals
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lineside export triton", description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="checkpoint: exported to ONNX first (with the parity check)")
-    src.add_argument("--onnx", help="model.onnx from `lineside export onnx` (its metadata.json beside it)")
-    ap.add_argument("--engine", default=None, help="TensorRT engine (.engine/.plan) to serve instead of the ONNX graph "
-                    "(its metadata.json, else that of --onnx / --ckpt)")
-    ap.add_argument("--out", required=True, help="model repository folder (tritonserver --model-repository)")
-    ap.add_argument("--name", default="lineside_grader", help="model name in the repository")
-    ap.add_argument("--version", type=int, default=1, help="model version folder")
-    ap.add_argument("--max-batch", type=int, default=32, help="max_batch_size: the largest batch Triton forms")
-    ap.add_argument("--preferred-batch-sizes", default=None, help="dynamic batching targets, each ≤ --max-batch (default: 8,16,32 up to it)")
-    ap.add_argument("--max-queue-delay-us", type=int, default=2000, help="longest wait for a fuller batch, µs")
-    ap.add_argument("--instances", type=int, default=1, help="model instances (per GPU with --kind gpu)")
-    ap.add_argument("--kind", default="gpu", choices=["gpu", "cpu"], help="instance kind")
-    ap.add_argument("--input-size", default=None, help="with --ckpt: H or HxW of the frames (default: the training size)")
-    ap.add_argument("--calib", default=None, help="with --ckpt: your own images for the parity check (default: ELPV cells)")
-    ap.add_argument("--parity-images", type=int, default=32, help="with --ckpt: images for the parity check (0 = skip)")
-    a = ap.parse_args(argv)
-    if not (a.ckpt or a.onnx or a.engine):
-        ap.error("give --ckpt, --onnx or --engine")
-    try:
-        if a.preferred_batch_sizes:
-            preferred = _ints(a.preferred_batch_sizes, "--preferred-batch-sizes")
-        else:
-            preferred = [b for b in (8, 16, 32) if b <= a.max_batch] or [max(1, a.max_batch)]
-        with tempfile.TemporaryDirectory(prefix="lineside-triton-") as tmp:
-            onnx = a.onnx
-            if a.ckpt:
-                from lineside.export.onnx_export import export_onnx
-
-                r = export_onnx(a.ckpt, tmp, a.input_size, sorted({1, *preferred, a.max_batch}), calib=a.calib, parity_images=a.parity_images)
-                if r.parity is not None:
-                    print(r.parity.table())
-                    if not r.parity.ok:
-                        print("lineside export triton: parity FAILED: the exported graph disagrees with the trained model", file=sys.stderr)
-                        return 1
-                onnx = r.path
-            repo = write_repository(a.out, onnx, a.engine, a.name, a.version, a.max_batch, preferred, a.max_queue_delay_us,
-                                    a.instances, a.kind)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lineside export triton: error: {exc}", file=sys.stderr)
-        return 1
-    cfg = repo.config
-    print(f"wrote {repo.model_dir}/: config.pbtxt, {repo.artefact.relative_to(repo.model_dir)}, "
-          f"{repo.artefact.parent.relative_to(repo.model_dir)}/metadata.json" + (f", {LABELS_FILE}" if (repo.model_dir / LABELS_FILE).is_file() else ""))
-    print(f"  {cfg.platform}, max_batch_size {cfg.max_batch_size}, dynamic batching {list(cfg.dynamic_batching.preferred_batch_size)} "
-          f"within {cfg.dynamic_batching.max_queue_delay_microseconds} µs, {a.instances} {a.kind} instance(s)")
-    print("  inputs:  " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in repo.metadata["inputs"]))
-    print("  outputs: " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in repo.metadata["outputs"]))
-    for note in repo.notes:
-        print(f"  note: {note}")
-    print(f"serve:   tritonserver --model-repository {Path(a.out).resolve()}")
-    return 0

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lineside.fusion.localization_head import LocalizationOutput
 
 if TYPE_CHECKING:
-    from lineside.export.deployable import TensorSpec
+    from lineside.fusion.outputs import TensorSpec
 
 __all__ = ["BoxDecoder", "BOX_SCORE_THRESHOLD"]
 
@@ -69,7 +69,7 @@ class BoxDecoder(nn.Module):
 
     def outputs(self) -> list[TensorSpec]:
         # imported here: export/deployable.py builds its decoders from this module
-        from lineside.export.deployable import TensorSpec
+        from lineside.fusion.outputs import TensorSpec
 
         k = self.top_k
         h, w = -(-self.train_size[0] // int(self.stride)), -(-self.train_size[1] // int(self.stride))

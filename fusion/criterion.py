@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lineside.fusion.model import InspectionOutput
-
 __all__ = ["GradingCriterion"]
 
 
@@ -72,9 +70,10 @@ class GradingCriterion(nn.Module):
         w = self.class_weights[target]
         return (per_sample * w).sum() / w.sum()
 
-    def forward(self, outputs: InspectionOutput, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Returns each weighted-in loss and ``loss`` (their weighted sum)."""
-        logits, grade = outputs.grade_logits, targets["grade"]
+    def forward(self, outputs, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``outputs``: grade logits (B, K) (or anything with ``.grade_logits``, e.g. ``InspectionOutput``);
+        ``targets["grade"]`` (B,). Returns each weighted-in loss and ``loss`` (their weighted sum)."""
+        logits, grade = getattr(outputs, "grade_logits", outputs), targets["grade"]
         if self.class_weights.numel() != logits.shape[-1]:
             if self.num_grades is not None and self.num_grades != logits.shape[-1]:
                 raise ValueError(f"criterion has {self.num_grades} grades, model gives {logits.shape[-1]} logits")

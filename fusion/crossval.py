@@ -1,8 +1,8 @@
 """lineside cross-validation: k models on block folds → out-of-fold decision offsets → one ensemble.
 
-    python crossval.py --config configs/el_grading.yaml --folds 5 --out runs/el_grading_cv
-    python crossval.py --config configs/el_grading.yaml --data.manifest cells.csv --out runs/my_cv
-    python score.py --ckpt runs/el_grading_cv/ensemble.ckpt --input cells/ --output grades.csv
+    lineside crossval --config configs/el_grading.yaml --folds 5 --out runs/el_grading_cv
+    lineside crossval --config configs/el_grading.yaml --data.manifest cells.csv --out runs/my_cv
+    lineside score --model runs/el_grading_cv/ensemble.ckpt --input cells/ --output grades.csv
 
 Train + val of the config's data are pooled and cut into ``--folds`` folds (whole index blocks
 with ``data.split: block``); the test split is never touched until the end. For each fold a model
@@ -18,11 +18,9 @@ Any other ``--section.key value`` argument overrides the config as in ``train.py
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["main", "run_crossval"]
+__all__ = ["OBJECTIVES", "run_crossval"]
 
 log = logging.getLogger("lineside.crossval")
 
@@ -100,10 +98,12 @@ def _run_fold(config_args: list[str], fold: int, folds: int, out: Path) -> dict:
     return res
 
 
-def _write_ensemble(out: Path, member_ckpts: list[Path], bias: np.ndarray, objective: str) -> Path:
+def _write_ensemble(out: Path, member_ckpts: list[Path], bias: np.ndarray, objective: str, trust_checkpoint: bool = False) -> Path:
+    from lineside.fusion.checkpoint_file import read_checkpoint
+
     state, meta, configs = {}, None, []
     for k, path in enumerate(member_ckpts):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path, "cpu", trust_checkpoint)  # weights only, unless trusted
         m = ckpt["lineside"]
         if meta is None:
             meta = dict(m)
@@ -173,7 +173,7 @@ def _nested_offsets(results: list[dict], objective: str) -> dict:
 
 def run_crossval(
     config_args: list[str], folds: int, out: Path, objective: str = "mean", run_folds: list[int] | None = None,
-    with_runs: list[Path] | None = None,
+    with_runs: list[Path] | None = None, trust_checkpoint: bool = False,
 ) -> dict:
     """Run (or resume) the folds, fit the offsets, write ``ensemble.ckpt`` and ``report.{json,md}``.
 
@@ -181,9 +181,16 @@ def run_crossval(
     assembled once every fold of ``out`` is done, else the OOF metrics of the finished folds are printed.
     ``with_runs``: other finished crossval folders on the same data and folds (another recipe);
     their members join the ensemble and their predictions are averaged in, fold by fold.
+    Fold checkpoints are read with ``weights_only=True``; ``trust_checkpoint`` (``--trust-checkpoint``)
+    lets a refused one (e.g. a ``--with`` folder from elsewhere) load as a full pickle.
     """
+    from lineside.fusion.checkpoint_file import read_checkpoint
     from lineside.fusion.ensemble import fit_grade_bias, grade_metrics
 
+    for run in with_runs or []:  # a refused --with member fails now, not after the folds have trained
+        for k in range(folds):
+            if (run / f"fold{k}" / "fold.ckpt").is_file():
+                read_checkpoint(run / f"fold{k}" / "fold.ckpt", "cpu", trust_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     found = {k: _run_fold(config_args, k, folds, out) for k in (run_folds if run_folds is not None else range(folds))}
     for k in range(folds):  # folds finished by earlier or other runs into the same folder
@@ -221,7 +228,7 @@ def run_crossval(
              "acc_std": float(np.std([s["acc"] for s in singles])), "macro_f1_std": float(np.std([s["macro_f1"] for s in singles]))}
         rows["test_ensemble"] = grade_metrics(ens_p, test_y)
         rows["test_ensemble_offsets"] = grade_metrics(ens_p, test_y, bias)
-    ckpt = _write_ensemble(out, member_ckpts, bias, objective)
+    ckpt = _write_ensemble(out, member_ckpts, bias, objective, trust_checkpoint)
     report = {"folds": folds, "runs": [str(r) for r in runs], "objective": objective, "class_names": names, "grade_bias": bias.tolist(),
               "seconds": float(sum(float(r["seconds"]) for r in results)), "ensemble_ckpt": str(ckpt), "metrics": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -247,29 +254,3 @@ def run_crossval(
     print(text)
     return report
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description="lineside cross-validation: fold models, out-of-fold decision offsets, one ensemble checkpoint",
-        epilog="Other arguments (--data.manifest FILE, --trainer.max_epochs N, ...) override the config as in train.py.",
-    )
-    ap.add_argument("--config", required=True, action="append", help="training config (as for train.py); repeatable")
-    ap.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
-    ap.add_argument("--out", required=True, type=Path, help="output folder (fold models, predictions, ensemble.ckpt, report)")
-    ap.add_argument("--run-folds", type=int, nargs="+", default=None, metavar="K", help="train only these folds (others: elsewhere or later)")
-    ap.add_argument("--with", dest="with_runs", type=Path, nargs="+", default=None, metavar="DIR",
-                    help="finished crossval folders (same data/folds, another recipe) to ensemble with this one")
-    ap.add_argument("--objective", default="mean", choices=list(OBJECTIVES), help="what the decision offsets maximise (mean = average of macro-F1 and accuracy)")
-    a, rest = ap.parse_known_args(argv)
-    if a.folds < 2:
-        ap.error("--folds must be >= 2")
-    if a.run_folds and not all(0 <= k < a.folds for k in a.run_folds):
-        ap.error(f"--run-folds must be in 0..{a.folds - 1}")
-    config_args = [x for c in a.config for x in ("--config", c)] + rest
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_crossval(config_args, a.folds, a.out, a.objective, a.run_folds, a.with_runs)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,37 +9,16 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lineside.fusion.split_loaders import SplitLoadersMixin, finish_splits
 from lineside.vision.elpv import ELPV_GRADE_NAMES, elpv_records
 from lineside.vision.image_dataset import InspectionImageDataset
 from lineside.vision.records import ImageRecord, dedupe_records, records_from_image_folder, records_from_manifest
 from lineside.vision.splits import block_split, fold_split, stratified_split
 from lineside.vision.transforms import build_eval_transform, build_train_transform
 
-__all__ = ["InspectionDataModule", "SplitLoadersMixin"]
+__all__ = ["InspectionDataModule"]
 
 log = logging.getLogger(__name__)
-
-
-class SplitLoadersMixin:
-    """The four Lightning dataloader hooks over one ``_loader(split, train=False)`` method
-    (shared by the grading and detection data modules)."""
-
-    predict_split: str
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)
 
 
 class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
@@ -61,7 +40,9 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         channels: 1 (grayscale) or 3 (RGB).
         batch_size: batch size of every loader.
         num_workers: decoding workers per loader.
-        augment: train augmentation, ``"inspection"``, ``"light"`` or ``"none"``.
+        augment: train augmentation, ``"inspection"``, ``"camera"`` (inspection + sub-grey-level
+            noise and JPEG round trips of the raw frame), ``"light"`` or ``"none"``
+            (:func:`vision.transforms.build_train_transform`).
         split: ``"block"`` or ``"stratified"``, for records without a split.
         block_size: items per block for the block split (ELPV modules hold 60 cells).
         val_fraction: share of items (blocks) for validation.
@@ -89,7 +70,7 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         channels: int = 1,
         batch_size: int = 32,
         num_workers: int = 2,
-        augment: Literal["inspection", "light", "none"] = "inspection",
+        augment: Literal["inspection", "camera", "light", "none"] = "inspection",
         split: Literal["block", "stratified"] = "block",
         block_size: int = 60,
         val_fraction: float = 0.1,
@@ -157,13 +138,8 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
             block = self.block_size if self.split == "block" else None
             idx = fold_split([r.label for r in pool], self.num_folds, self.fold, block, self.seed)
             fixed["train"], fixed["val"] = [pool[i] for i in idx["train"]], [pool[i] for i in idx["val"]]
-        if self.limit:
-            fixed = {s: v[: self.limit] for s, v in fixed.items()}
-        if not fixed["train"]:
-            raise ValueError(f"{self.source}: no training images after splitting")
-        self.splits = fixed
-        log.info("data %s: %s", self.source, {s: len(v) for s, v in fixed.items()})
-        return fixed
+        self.splits = finish_splits(fixed, self.limit, self.source, log)
+        return self.splits
 
     @property
     def num_classes(self) -> int:
@@ -181,20 +157,12 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
 
     def _dataset(self, split: str, train: bool) -> InspectionImageDataset:
         records = self.prepare_splits()[split]
-        if not records:
-            raise ValueError(f"{self.source}: the {split!r} split is empty")
         tf = build_train_transform(self.image_size, self.augment) if train else build_eval_transform(self.image_size)
         if self.text is not None:
             records = [ImageRecord(r.path, r.label, r.split, self.text) for r in records]
         return InspectionImageDataset(records, tf, self.channels)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        return DataLoader(
-            self._dataset(split, train),
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(self.prepare_splits()[split]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        # shuffled by torch's global seed (seed_everything), as this module always has been
+        return self._split_loader(self._dataset(split, train), split, train, seeded=False)
 

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lineside.fusion.datamodule import SplitLoadersMixin
+from lineside.fusion.split_loaders import SplitLoadersMixin, finish_splits
 from lineside.vision.box_formats import read_deeppcb, read_magnetic_tile, read_neu_det
 from lineside.vision.box_records import DetectionRecord
 from lineside.vision.box_splits import grouped_record_split, stratified_record_split
@@ -120,14 +120,9 @@ class DetectionDataModule(SplitLoadersMixin, L.LightningDataModule):
             parts = stratified_record_split(records, self.val_fraction, self.test_fraction, self.seed, key=lambda r: r.group or "")
         else:
             parts = stratified_record_split(records, self.val_fraction, self.test_fraction, self.seed)
-        if self.limit:
-            parts = {s: v[: self.limit] for s, v in parts.items()}
-        if not parts["train"]:
-            raise ValueError(f"{root}: no training images after splitting")
+        self.splits = finish_splits(parts, self.limit, f"{root} ({self.dataset})", log)
         self._class_names = list(names)
-        self.splits = parts
-        log.info("data %s (%s): %s", root, self.dataset, {s: len(v) for s, v in parts.items()})
-        return parts
+        return self.splits
 
     @property
     def class_names(self) -> list[str]:
@@ -153,17 +148,5 @@ class DetectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         return DetectionDataset(records, transform, self.channels)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        ds = self._dataset(split, train)
-        if len(ds) == 0:
-            raise ValueError(f"{self.source}: the {split} split is empty")
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            collate_fn=localization_collate,
-            drop_last=train and len(ds) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
+        return self._split_loader(self._dataset(split, train), split, train, localization_collate)
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lineside.fusion.grade_metrics import format_confusion
 from lineside.fusion.model import InspectionOutput
 
 __all__ = ["InspectionEnsemble", "fit_grade_bias", "format_confusion", "grade_metrics"]
@@ -60,6 +61,11 @@ class InspectionEnsemble(nn.Module):
     def text_encoder(self):
         return getattr(self.members[0], "text_encoder", None)
 
+    @property
+    def tasks(self) -> list:
+        """The grading task(s) of the first member: an ensemble averages grades only."""
+        return [t for t in self.members[0].tasks if t.kind == "grading"]
+
     def forward(self, image: Tensor, **inputs) -> InspectionOutput:
         """``grade_map=True`` (members' ``grade_map`` averaged) passes through to the members."""
         outs = [m(image, **inputs) for m in self.members]
@@ -95,14 +101,6 @@ def grade_metrics(probs: np.ndarray, labels: np.ndarray, bias: Sequence[float] |
         "confusion": cm.tolist(),
         "auroc_defective": _auroc_defective(probs, labels),
     }
-
-
-def format_confusion(class_names: Sequence[str], cm: Sequence[Sequence[int]]) -> str:
-    """A confusion matrix as aligned text (rows = true grade, columns = predicted)."""
-    width = max(8, *(len(n) for n in class_names)) + 1
-    lines = ["confusion matrix (rows = true grade, columns = predicted):", " " * width + "".join(f"{n:>{width}}" for n in class_names)]
-    lines += [f"{n:>{width}}" + "".join(f"{v:>{width}}" for v in row) for n, row in zip(class_names, cm)]
-    return "\n".join(lines)
 
 
 def _auroc_defective(probs: np.ndarray, labels: np.ndarray) -> float:

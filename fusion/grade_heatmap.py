@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from lineside.export.deployable import TensorSpec
+    from lineside.fusion.outputs import TensorSpec
 
 __all__ = ["GradeHeatmapDecoder", "grade_heatmap_grid"]
 
@@ -54,7 +54,7 @@ class GradeHeatmapDecoder(nn.Module):
         self.tta_views = tta_views
 
     def outputs(self) -> list[TensorSpec]:
-        from lineside.export.deployable import TensorSpec
+        from lineside.fusion.outputs import TensorSpec
 
         h, w = self.grid
         return [TensorSpec("grade_heatmap", "float32", ("N", 1, h, w), "heatmap",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lineside.fusion.fusion_transformer import FusionOutput
+from lineside.fusion.image_levels import image_span
 
 __all__ = ["GradingHead"]
 
@@ -75,10 +76,7 @@ class GradingHead(nn.Module):
         Shapes:
             → (B, K, h, w), (h, w) = the level of ``image.levels`` with the most cells.
         """
-        start, end = fused.spans["image"]
-        levels = [tuple(int(v) for v in lvl) for lvl in image.levels]
-        if sum(h * w for h, w in levels) != end - start:
-            raise ValueError(f"image span {start}:{end} holds {end - start} tokens, levels {levels} give {sum(h * w for h, w in levels)}")
+        start, end, levels = image_span(fused, image)
         contrib = self.token_contributions(fused)[:, :, start:end]
         b, k = contrib.shape[:2]
         h0, w0 = max(levels, key=lambda lvl: lvl[0] * lvl[1])

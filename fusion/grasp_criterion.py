@@ -100,7 +100,9 @@ class GraspCriterion(nn.Module):
         return (outputs.width[p] - t["matched"][p][:, 9]).abs().mean()
 
     def forward(self, outputs: GraspOutput, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """targets: ``grasps`` (B, M, 11), ``grasp_mask`` (B, M). Returns each weighted-in loss and ``loss``."""
+        """``outputs``: a :class:`GraspOutput` (or anything with ``.grasp``, e.g. ``InspectionOutput``);
+        targets: ``grasps`` (B, M, 11), ``grasp_mask`` (B, M). Returns each weighted-in loss and ``loss``."""
+        outputs = getattr(outputs, "grasp", outputs)
         t = self.assign(outputs, targets["grasps"], targets["grasp_mask"])
         # zero that still reaches every output (and so every head parameter) when a term has no tokens
         zero = sum(x.sum() for x in (outputs.logits, outputs.position, outputs.approach, outputs.closing, outputs.width)) * 0.0

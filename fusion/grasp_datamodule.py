@@ -50,6 +50,8 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lineside.fusion.split_loaders import SplitLoadersMixin
+
 __all__ = ["GraspDataModule", "grasp_collate"]
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def _nothing(_):
     return None
 
 
-class GraspDataModule(L.LightningDataModule):
+class GraspDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Procedural parts for training/validation, real workshop tools (held out) for test/predict.
 
     Args:
@@ -311,28 +313,4 @@ class GraspDataModule(L.LightningDataModule):
             self.dataset(self.predict_split)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        ds = self.dataset(split)
-        if len(ds) == 0:
-            raise ValueError(f"{self.source}: the {split} split is empty")
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            collate_fn=grasp_collate if self.features == "normals" else _drop_features,
-            drop_last=train and len(ds) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)
+        return self._split_loader(self.dataset(split), split, train, grasp_collate if self.features == "normals" else _drop_features)

@@ -39,19 +39,21 @@ class GraspDecoder(nn.Module):
         self.nms_radius = float(nms_radius)
 
     def outputs(self) -> list:
-        """TensorSpec rows of the decoded outputs (all compared as floats in parity checks).
+        """TensorSpec rows of the decoded outputs (parity: the top grasp by position, approach, closing
+        and width within their limits, ``grasp_score`` as floats).
 
         ``TensorSpec`` is imported here, when a deployable is built, so ``fusion`` never imports
         ``export`` at module load (no import cycle with ``export.deployable``)."""
-        from lineside.export.deployable import TensorSpec
+        from lineside.fusion.outputs import TensorSpec
 
         k = self.top_k
         return [
-            TensorSpec("grasp_position", "float32", ("N", k, 3), "float", "grasp centres between the contacts, sensor frame (m), best first",
-                       atol=1e-3),  # parity: within 1 mm
-            TensorSpec("grasp_approach", "float32", ("N", k, 3), "float", "unit approach directions (palm to fingertips)"),
-            TensorSpec("grasp_closing", "float32", ("N", k, 3), "float", "unit closing directions (finger to finger, sign arbitrary), perpendicular to approach"),
-            TensorSpec("grasp_width", "float32", ("N", k), "float", "gripper opening (m)"),
+            TensorSpec("grasp_position", "float32", ("N", k, 3), "float", "grasp centres: the point midway between the jaws, sensor frame (m), best first",
+                       atol=1e-3, ranked_by="grasp_score"),  # parity: the top grasp within 1 mm
+            TensorSpec("grasp_approach", "float32", ("N", k, 3), "float", "unit approach directions (palm to fingertips)", ranked_by="grasp_score"),
+            TensorSpec("grasp_closing", "float32", ("N", k, 3), "float", "unit closing directions (finger to finger, sign arbitrary), perpendicular to approach",
+                       ranked_by="grasp_score"),
+            TensorSpec("grasp_width", "float32", ("N", k), "float", "gripper opening (m)", ranked_by="grasp_score"),
             TensorSpec("grasp_score", "float32", ("N", k), "float", "graspability in [0, 1]; 0 = no grasp left (ignore the row)"),
         ]
 

@@ -5,7 +5,8 @@ Targets come from the padded detection batch (:func:`lineside.vision.detection_d
 ``boxes`` (B, N, 4) xyxy model-input pixels, ``labels`` (B, N), ``box_mask`` (B, N), optionally
 ``mask`` (B, H, W) 0/1 with ``has_mask`` (B,), and ``has_boxes`` (B,) for mixed batches (samples
 that carry no box labels at all; a box-labelled sample with no boxes is a defect-free image and
-trains the heatmaps towards zero).
+trains the heatmaps towards zero). They are read as every localization criterion reads them
+(:mod:`lineside.fusion.box_targets`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lineside.fusion.box_targets import defect_target, padded_box_targets, target_image_size
 from lineside.fusion.localization_head import LocalizationOutput
 
 __all__ = ["LocalizationCriterion", "LocalizationTargets", "gaussian_radius"]
@@ -92,14 +94,10 @@ class LocalizationCriterion(nn.Module):
         if self.stride is not None:
             return float(self.stride), float(self.stride)
         h, w = out.heatmap.shape[-2:]
-        ref = targets.get("image", targets.get("mask"))
-        if ref is None:
-            if "image_size" not in targets:
-                raise ValueError("LocalizationCriterion needs stride=, or 'image' / 'mask' / 'image_size' in the targets")
-            size = targets["image_size"]
-        else:
-            size = ref.shape[-2:]
-        return float(size[0]) / h, float(size[1]) / w
+        size = target_image_size(targets)
+        if size is None:
+            raise ValueError("LocalizationCriterion needs stride=, or 'image' / 'mask' / 'image_size' in the targets")
+        return size[0] / h, size[1] / w
 
     @torch.no_grad()
     def build_targets(self, out: LocalizationOutput, targets: dict) -> LocalizationTargets:
@@ -107,13 +105,8 @@ class LocalizationCriterion(nn.Module):
         b, c, h, w = out.heatmap.shape
         device = out.heatmap.device
         sy, sx = self._stride(out, targets)
-        boxes = targets["boxes"].to(device=device, dtype=torch.float32).reshape(b, -1, 4)
-        labels = targets["labels"].to(device).reshape(b, -1)
-        valid = targets["box_mask"].to(device).reshape(b, -1).bool() & (labels >= 0) & (labels < c)
-        valid &= (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-        has_boxes = targets.get("has_boxes")
-        labelled = torch.ones(b, dtype=torch.bool, device=device) if has_boxes is None else has_boxes.to(device).bool()
-        labelled = labelled | valid.any(1)
+        box_targets = padded_box_targets(targets, b, c, device)
+        boxes, labels, valid = box_targets.boxes, box_targets.labels, box_targets.valid
 
         x1, y1, x2, y2 = boxes.unbind(-1)
         cx, cy = (x1 + x2) / 2 / sx, (y1 + y2) / 2 / sy  # centre in cells
@@ -130,19 +123,7 @@ class LocalizationCriterion(nn.Module):
         g = g * ((dx.abs() <= r) & (dy.abs() <= r) & valid[..., None, None])
         onehot = F.one_hot(labels.clamp(0, c - 1), c).to(g.dtype) * valid[..., None]  # (B, N, C)
         heatmap = (g.unsqueeze(2) * onehot[..., None, None]).amax(1) if g.shape[1] else g.new_zeros(b, c, h, w)
-
-        # defect: mask coverage per cell where a mask exists, else coverage by the union of boxes
-        cell_x0, cell_y0 = gx * sx, gy * sy
-        ox = (torch.minimum(x2[..., None, None], cell_x0 + sx) - torch.maximum(x1[..., None, None], cell_x0)).clamp_min(0) / sx
-        oy = (torch.minimum(y2[..., None, None], cell_y0 + sy) - torch.maximum(y1[..., None, None], cell_y0)).clamp_min(0) / sy
-        cover = (ox * oy * valid[..., None, None]).amax(1, keepdim=True) if g.shape[1] else g.new_zeros(b, 1, h, w)
-        defect = cover.clamp(0, 1)
-        if "mask" in targets and targets.get("has_mask") is not None:
-            has_mask = targets["has_mask"].to(device).bool()
-            if has_mask.any():
-                m = F.interpolate(targets["mask"].to(device=device, dtype=torch.float32).unsqueeze(1), size=(h, w), mode="area")
-                defect = torch.where(has_mask.view(b, 1, 1, 1), m.clamp(0, 1), defect)
-                labelled = labelled | has_mask
+        defect, labelled = defect_target(targets, box_targets, h, w, sy, sx)
         return LocalizationTargets(
             heatmap=heatmap,
             cell=torch.stack([ix, iy], -1).long(),

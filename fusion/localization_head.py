@@ -22,6 +22,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from lineside.fusion.fusion_transformer import FusionOutput
+from lineside.fusion.image_levels import level_tokens
 
 __all__ = ["LocalizationOutput", "LocalizationHead", "HEATMAP_PRIOR_BIAS"]
 
@@ -98,16 +99,7 @@ class LocalizationHead(nn.Module):
 
     def level_tokens(self, fused: FusionOutput, image) -> tuple[Tensor, int, int]:
         """The fused tokens of ``level_index``: ((B, h·w, D), h, w)."""
-        start, end = fused.spans["image"]
-        levels = tuple(tuple(int(v) for v in lvl) for lvl in image.levels)
-        if sum(h * w for h, w in levels) != end - start:
-            raise ValueError(f"image span {start}:{end} holds {end - start} tokens, levels {levels} give {sum(h * w for h, w in levels)}")
-        if not -len(levels) <= self.level_index < len(levels):
-            raise IndexError(f"level_index {self.level_index} out of range for {len(levels)} image feature levels")
-        li = self.level_index % len(levels)
-        first = start + sum(h * w for h, w in levels[:li])
-        h, w = levels[li]
-        return fused.tokens[:, first : first + h * w], h, w
+        return level_tokens(fused, image, self.level_index)
 
     def forward(self, fused: FusionOutput, image) -> LocalizationOutput:
         tokens, h, w = self.level_tokens(fused, image)

@@ -7,7 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradePrediction", "GradePostprocessor", "dihedral_views", "predict_grades", "repeat_views"]
+from lineside.fusion.outputs import TensorSpec
+
+__all__ = ["GradeDecoder", "GradePrediction", "GradePostprocessor", "dihedral_views", "predict_grades", "repeat_views"]
 
 
 class GradePrediction(NamedTuple):
@@ -22,6 +24,33 @@ class GradePrediction(NamedTuple):
     probs: Tensor
     grade: Tensor
     confidence: Tensor
+
+
+class GradeDecoder(nn.Module):
+    """Grade logits of ``V·N`` dihedral views → averaged probabilities and the decided grade
+    (exported in every graph).
+
+    Shapes:
+        forward: logits (V·N, K) → (grade_probs (N, K) float32, grade (N,) int64).
+    """
+
+    def __init__(self, num_grades: int, tta_views: int = 1) -> None:
+        super().__init__()
+        self.num_grades = num_grades
+        self.tta_views = tta_views
+
+    def outputs(self) -> list[TensorSpec]:
+        k = self.num_grades
+        return [
+            TensorSpec("grade_probs", "float32", ("N", k), "float", "severity grade probabilities (decision offsets folded in)"),
+            TensorSpec("grade", "int64", ("N",), "decoded", "decided grade index (argmax of grade_probs)"),
+        ]
+
+    def forward(self, grade_logits: Tensor) -> tuple[Tensor, Tensor]:
+        probs = grade_logits.float().softmax(-1)
+        if self.tta_views > 1:
+            probs = probs.reshape(self.tta_views, -1, probs.shape[-1]).mean(0)
+        return probs, probs.argmax(-1)
 
 
 def dihedral_views(images: Tensor, n_views: int) -> Tensor:

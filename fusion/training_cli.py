@@ -183,14 +183,19 @@ class InspectionCLI(LightningCLI):
     def _class_names_of_checkpoint(cfg: Namespace) -> None:
         """Without ``--data.class_names``, a run on a checkpoint reads its class order from it, so
         folder or label names map to the grades the model was trained on."""
-        if cfg.get("data.class_names") or not Path(cfg.ckpt_path).is_file():
+        data = cfg.data
+        if isinstance(data, Namespace) and "class_path" in data:  # a data module named by class_path
+            if "class_names" not in _init_params(data.class_path):
+                return
+            data = _init_args(data)
+        if data.get("class_names") or not Path(cfg.ckpt_path).is_file():
             return
         try:
             meta = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True).get("lineside") or {}
         except Exception:  # not a lineside checkpoint: Lightning reports it
             return
         if meta.get("class_names"):
-            cfg.data.class_names = list(meta["class_names"])
+            data.class_names = list(meta["class_names"])
 
     @staticmethod
     def _check_num_grades(cfg: Namespace) -> None:

@@ -48,9 +48,11 @@ Samples are cached as ``cache_dir/<key>/<index>.npz`` where ``key`` hashes the d
 (seed included), so a run is reproducible and the second epoch reads files only.
 
 Also here, for evaluation without the model stack (this package never imports ``fusion``):
-:func:`evaluate_topk` (analytic success of decoded grasps on the meshes) and
+:func:`grasp_success` / :func:`evaluate_topk` (analytic success of decoded grasps on the meshes,
+``protocol="lenient"`` or ``"strict"``: the grasp as predicted, with its width and centre) and
 :func:`analytic_grasp_baseline` (antipodal pairs on the observed cloud ranked by geometry) and
-:func:`slab_grasp_baseline` (top-down grasps across the narrowest local extent).
+:func:`slab_grasp_baseline` (top-down grasps across the narrowest local extent); both baselines give
+each grasp the width the cloud shows between its contacts, so the strict check can judge them.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import open3d as o3d
@@ -67,9 +69,28 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import Dataset
 
-from .grasp_labels import GRASP_DIM, GraspScene, ParallelJawGripper, antipodal_grasps, evaluate_grasps, make_grasps
+from .grasp_labels import (
+    GRASP_DIM,
+    STRICT_CLEARANCE,
+    STRICT_STANDOFF,
+    STRICT_WIDTH_TOLERANCE,
+    GraspScene,
+    ParallelJawGripper,
+    antipodal_grasps,
+    evaluate_grasps,
+    evaluate_grasps_strict,
+    make_grasps,
+)
 from .io import CameraIntrinsics, PointCloud
-from .parts import PART_KINDS, look_at, make_part, random_part, random_rotation, render_intensity, render_partial_view
+from .parts import (
+    PART_KINDS,
+    look_at,
+    make_part,
+    random_part,
+    random_rotation,
+    render_intensity,
+    render_partial_view,
+)
 from .preprocess import preprocess_cloud
 
 __all__ = [
@@ -407,14 +428,43 @@ def grasp_success(
     score: np.ndarray | None = None,
     gripper: ParallelJawGripper = ParallelJawGripper(),
     mu: float = 0.5,
+    *,
+    width: np.ndarray | None = None,
+    protocol: Literal["lenient", "strict"] = "lenient",
+    clearance: float = STRICT_CLEARANCE,
+    width_tolerance: float = STRICT_WIDTH_TOLERANCE,
+    standoff: float = STRICT_STANDOFF,
 ) -> np.ndarray:
-    """(N, K) bool: does each ranked grasp pass :func:`~.grasp_labels.evaluate_grasps` on its sample's mesh?
+    """(N, K) bool: does each ranked grasp succeed on its sample's mesh under ``protocol``?
 
-    Arguments as :func:`evaluate_topk`; a mesh reference used by consecutive samples is loaded once.
-    Grasps with score <= 0 (exhausted picks) are False.
+    * ``"lenient"``: :func:`~.grasp_labels.evaluate_grasps`. The jaws open to the gripper's
+      ``max_width`` whatever the prediction, each finger closes until its pad touches the part, and
+      the grasp is re-centred between those contacts: the width is ignored and a centre off the part
+      can pass when the part lies within the open jaws. It asks "is there a graspable spot here?".
+    * ``"strict"``: :func:`~.grasp_labels.evaluate_grasps_strict`, the grasp executed as predicted
+      (``position`` = the point midway between the jaws, ``width`` the jaw width, no re-centring):
+      jaws opened to ``min(width + clearance, max_width)`` symmetrically about the predicted centre;
+      the open gripper moves ``standoff`` m along ``approach`` onto the pose with no finger or palm
+      sample inside the part; the jaws close symmetrically about the predicted centre and both pads
+      must touch the part before they meet there (the part between them, straddling the centre);
+      ``|width - contact distance| <= width_tolerance``; both contact normals inside the friction
+      cone (half-angle ``atan(mu)``). Needs ``width``.
+
+    Arguments as :func:`evaluate_topk`, plus ``width`` (N, K) predicted jaw widths (m) and the strict
+    protocol's ``clearance`` (1 cm), ``width_tolerance`` (5 mm) and ``standoff`` (5 cm). A mesh
+    reference used by consecutive samples is loaded once (pass :class:`~.grasp_labels.GraspScene`
+    objects to reuse them across calls). Grasps with score <= 0 (exhausted picks) are False.
     """
+    if protocol not in ("lenient", "strict"):
+        raise ValueError(f"grasp_success: protocol must be 'lenient' or 'strict', got {protocol!r}")
     position, approach, closing = (np.asarray(a, np.float64) for a in (position, approach, closing))
     n, k = position.shape[:2]
+    if protocol == "strict":
+        if width is None:
+            raise ValueError("grasp_success: the strict protocol needs the predicted widths (width=(N, K) metres)")
+        width = np.asarray(width, np.float64)
+        if width.shape != (n, k):
+            raise ValueError(f"grasp_success: width has shape {width.shape}, expected {(n, k)}")
     ok = np.zeros((n, k), bool)
     last_ref, scene = None, None
     for i in range(n):
@@ -424,7 +474,11 @@ def grasp_success(
                 last_ref, scene = mesh, GraspScene(load_mesh(mesh))
         else:
             scene = mesh if isinstance(mesh, GraspScene) else GraspScene(mesh)
-        ok[i], *_ = evaluate_grasps(scene, make_grasps(position[i], approach[i], closing[i], 0.0), gripper, mu)
+        if protocol == "strict":
+            g = make_grasps(position[i], approach[i], closing[i], width[i])
+            ok[i] = evaluate_grasps_strict(scene, g, gripper, mu, clearance=clearance, width_tolerance=width_tolerance, standoff=standoff).ok
+        else:
+            ok[i], *_ = evaluate_grasps(scene, make_grasps(position[i], approach[i], closing[i], 0.0), gripper, mu)
     if score is not None:
         ok &= np.asarray(score) > 0
     return ok
@@ -439,6 +493,7 @@ def evaluate_topk(
     ks: Sequence[int] = (1, 5),
     gripper: ParallelJawGripper = ParallelJawGripper(),
     mu: float = 0.5,
+    **protocol: Any,
 ) -> dict[str, float]:
     """Analytic success of ranked grasps per sample (sensor frame, metres).
 
@@ -447,16 +502,69 @@ def evaluate_topk(
         meshes: N open3d meshes, :class:`GraspScene` objects or :func:`load_mesh` references.
         score: optional (N, K); grasps with score <= 0 (exhausted picks) count as failures.
         ks: report ``top{k}`` = fraction of samples with a successful grasp among the first k.
+        protocol: keyword arguments of :func:`grasp_success` (``protocol="strict"``, ``width`` …).
 
     Returns:
         ``{"top1": …, "top5": …, "precision": fraction of all scored grasps that succeed}``.
     """
     n, k = np.shape(position)[:2]
-    ok = grasp_success(position, approach, closing, meshes, score, gripper, mu)
+    ok = grasp_success(position, approach, closing, meshes, score, gripper, mu, **protocol)
     live = np.ones((n, k), bool) if score is None else np.asarray(score) > 0
     out = {f"top{kk}": float(ok[:, :kk].any(1).mean()) if n else 0.0 for kk in ks}
     out["precision"] = float(ok.sum() / max(live.sum(), 1))
     return out
+
+
+def _baseline_cloud(
+    points: np.ndarray, normals: np.ndarray, rng: np.random.Generator | int | None, min_points: int
+) -> tuple[np.ndarray, np.ndarray, np.random.Generator, cKDTree] | None:
+    """A baseline's inputs: (N, 3) points and normals as float64, a generator from ``rng`` and a KD-tree
+    of the points; None for a cloud of fewer than ``min_points`` points."""
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
+    if len(pts) < min_points:
+        return None
+    return pts, nrm, rng, cKDTree(pts)
+
+
+def _best_after_nms(cands: list[tuple], k: int, nms_radius: float) -> np.ndarray:
+    """Candidates ``(score, centre, approach, closing, width)`` → (k', 11) grasps (k' <= k), best first:
+    greedy NMS keeps a candidate whose centre is more than ``nms_radius`` m from every kept one."""
+    if not cands:
+        return np.zeros((0, GRASP_DIM), np.float32)
+    chosen: list[tuple] = []
+    for cand in sorted(cands, key=lambda t: -t[0]):
+        if all(np.linalg.norm(cand[1] - o[1]) > nms_radius for o in chosen):
+            chosen.append(cand)
+        if len(chosen) == k:
+            break
+    return make_grasps([c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen], [c[4] for c in chosen], [c[0] for c in chosen])
+
+
+#: how far (m) beyond a sampled contact pair :func:`analytic_grasp_baseline` looks for points the pads meet first
+PAD_EXTENT_MARGIN = 0.005
+#: added to an observed extent for the edge the 2 mm voxel thins away (both baselines)
+VOXEL_EDGE = 0.002
+
+
+def _pad_extent(pts: np.ndarray, tree: cKDTree, centre: np.ndarray, approach: np.ndarray, closing: np.ndarray, width: float,
+                reach: float, gripper: ParallelJawGripper) -> tuple[np.ndarray, float]:
+    """The jaws' contact distance the cloud shows at a grasp: the observed points in the pads' footprint
+    (``|y| <= finger_width / 2``, ``tip_margin - finger_depth <= z <= tip_margin`` in the gripper frame)
+    within ``reach`` of ``centre`` along the closing axis are what parallel pads closing from there meet
+    first; returns the midpoint of their extent along the closing axis (the point midway between the
+    jaws) and that extent + :data:`VOXEL_EDGE`; ``(centre, width)`` unchanged with fewer than 2 such points."""
+    c, z, x = (np.asarray(v, np.float64) for v in (centre, approach, closing))
+    y = np.cross(z, x)
+    radius = np.sqrt(reach**2 + (gripper.finger_width / 2) ** 2 + max(gripper.finger_depth - gripper.tip_margin, gripper.tip_margin) ** 2)
+    near = np.asarray(tree.query_ball_point(c, radius), np.int64)
+    d = pts[near] - c
+    lx, ly, lz = d @ x, d @ y, d @ z
+    sel = (np.abs(lx) <= reach) & (np.abs(ly) <= gripper.finger_width / 2) & (lz >= gripper.tip_margin - gripper.finger_depth) & (lz <= gripper.tip_margin)
+    if sel.sum() < 2:
+        return c, float(width)
+    hi, lo = float(lx[sel].max()), float(lx[sel].min())
+    return c + (hi + lo) / 2 * x, hi - lo + VOXEL_EDGE
 
 
 def analytic_grasp_baseline(
@@ -475,7 +583,12 @@ def analytic_grasp_baseline(
     max_width`` whose closing axis ``c = unit(q - p)`` lies in both friction cones (``|n_p·c|``,
     ``|n_q·c| >= cos atan(mu)``) are candidates; the approach is the camera ray to the centre made ⊥ to
     ``c`` (the palm comes from the camera). Score = the worse of the two cone cosines. Top ``k`` after
-    greedy NMS (``nms_radius`` m) are returned.
+    greedy NMS (``nms_radius`` m) on the pairs' midpoints are kept. Each kept grasp then gets the
+    contact distance the cloud shows for the pads (they are flat and meet a surface's widest point, not
+    the sampled pair): the observed points in the pads' footprint within ``|q - p| / 2 +``
+    :data:`PAD_EXTENT_MARGIN` of the midpoint along ``c``; width = their extent along ``c`` +
+    :data:`VOXEL_EDGE`, ``position`` = the middle of that extent (the point midway between the jaws),
+    so the grasp can be executed as given (strict check).
 
     Args:
         points, normals: (N, 3) observed sensor-frame points (camera at the origin) and unit normals.
@@ -483,12 +596,11 @@ def analytic_grasp_baseline(
     Returns:
         (k', 11) grasps (k' <= k), sensor frame, best first.
     """
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
-    if len(pts) < 2:
+    cloud = _baseline_cloud(points, normals, rng, min_points=2)
+    if cloud is None:
         return np.zeros((0, GRASP_DIM), np.float32)
+    pts, nrm, rng, tree = cloud
     cos_cone = np.cos(np.arctan(mu))
-    tree = cKDTree(pts)
     seeds = rng.choice(len(pts), min(num_candidates, len(pts)), replace=False)
     cands = []
     for i in seeds:
@@ -511,16 +623,10 @@ def analytic_grasp_baseline(
         if np.linalg.norm(a) < 1e-6:
             continue
         cands.append((s[j], centre, a / np.linalg.norm(a), c[j], w[j]))
-    if not cands:
-        return np.zeros((0, GRASP_DIM), np.float32)
-    cands.sort(key=lambda t: -t[0])
-    chosen = []
-    for cand in cands:
-        if all(np.linalg.norm(cand[1] - o[1]) > nms_radius for o in chosen):
-            chosen.append(cand)
-        if len(chosen) == k:
-            break
-    return make_grasps([c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen], [c[4] for c in chosen], [c[0] for c in chosen])
+    grasps = _best_after_nms(cands, k, nms_radius)
+    for g in grasps:  # the pads' contact distance the cloud shows around each kept pair
+        g[0:3], g[9] = _pad_extent(pts, tree, g[0:3], g[3:6], g[6:9], g[9], g[9] / 2 + PAD_EXTENT_MARGIN, gripper)
+    return grasps
 
 
 def slab_grasp_baseline(
@@ -537,22 +643,17 @@ def slab_grasp_baseline(
     For random observed points ``p`` (unit normal ``n`` toward the camera) the gripper approaches along
     ``-n``. The observed points in a cylinder of radius ``max_width / 2`` around that axis are
     projected on the plane ⊥ approach; their minor principal axis is the closing axis. The points in the
-    finger slab (``|y| <= finger_width / 2``) give the width (their extent along closing, + 2 mm) and
-    the depth (half their extent along the approach, clipped to 3 mm .. ``finger_depth - tip_margin``).
+    finger slab (``|y| <= finger_width / 2``) give the width (their extent along closing, + 2 mm for the
+    edge the 2 mm voxel thins away: the contact distance the cloud shows), the centre (midway across
+    that extent, so ``position`` is the point midway between the jaws) and the depth (half their extent along the approach, clipped to 3 mm .. ``finger_depth - tip_margin``).
     Score = ``(1 - width / max_width) · |n · camera ray|``; candidates wider than ``max_width`` are
-    dropped. Top ``k`` after greedy NMS (``nms_radius`` m).
-
-    Args:
-        points, normals: (N, 3) observed sensor-frame points (camera at the origin) and unit normals.
-
-    Returns:
-        (k', 11) grasps (k' <= k), sensor frame, best first.
+    dropped. Top ``k`` after greedy NMS (``nms_radius`` m). Inputs and result as in
+    :func:`analytic_grasp_baseline`.
     """
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
-    if len(pts) < 8:
+    cloud = _baseline_cloud(points, normals, rng, min_points=8)
+    if cloud is None:
         return np.zeros((0, GRASP_DIM), np.float32)
-    tree = cKDTree(pts)
+    pts, nrm, rng, tree = cloud
     cands = []
     for i in rng.choice(len(pts), min(num_candidates, len(pts)), replace=False):
         a = -nrm[i] / max(np.linalg.norm(nrm[i]), 1e-9)
@@ -576,20 +677,11 @@ def slab_grasp_baseline(
         if slab.sum() < 3:
             continue
         xs = r[slab] @ c
-        width = xs.max() - xs.min() + 0.002
+        width = xs.max() - xs.min() + VOXEL_EDGE
         if width > gripper.max_width:
             continue
         depth = np.clip((along[inside][slab].max() - along[inside][slab].min()) / 2, 0.003, gripper.finger_depth - gripper.tip_margin)
         centre = pts[i] + (xs.max() + xs.min()) / 2 * c + depth * a
         ray = pts[i] / max(np.linalg.norm(pts[i]), 1e-9)
         cands.append(((1 - width / gripper.max_width) * abs(a @ ray), centre, a, c, width))
-    if not cands:
-        return np.zeros((0, GRASP_DIM), np.float32)
-    cands.sort(key=lambda t: -t[0])
-    chosen = []
-    for cand in cands:
-        if all(np.linalg.norm(cand[1] - o[1]) > nms_radius for o in chosen):
-            chosen.append(cand)
-        if len(chosen) == k:
-            break
-    return make_grasps([c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen], [c[4] for c in chosen], [c[0] for c in chosen])
+    return _best_after_nms(cands, k, nms_radius)

@@ -6,7 +6,8 @@ Grasp array layout (``GRASP_DIM = 11`` float32 columns, one row per grasp, metre
 ====== ========= ==========================================================================
 cols   name      meaning
 ====== ========= ==========================================================================
-0:3    position  centre between the two contacts (m)
+0:3    position  the point midway between the jaws (m); for a label (and after the lenient test)
+                 also the midpoint of the two contacts
 3:6    approach  unit vector the gripper moves along toward the part (palm → fingertips)
 6:9    closing   unit vector from one finger to the other (⊥ approach)
 9      width     distance between the contacts (m), ≤ the gripper's ``max_width``
@@ -22,30 +23,44 @@ any sample of the palm, or of the region each finger sweeps while closing from
 ``max_width`` onto its contact, lies inside the part (ray-parity occupancy per connected
 component, see :class:`GraspScene`; closed meshes, overlapping components allowed).
 
-Test (:func:`evaluate_grasps`, :func:`is_grasp_successful`): close both fingers from the open
-gripper along the closing axis (a grid of rays over each finger's pad, ``resolution`` apart); each
+Lenient test (:func:`evaluate_grasps`, :func:`is_grasp_successful`, also the labeller's): close both
+fingers from the gripper opened to ``max_width`` along the closing axis (a grid of rays over each finger's pad, ``resolution`` apart); each
 finger stops at its pad's first touch, which is its contact (a flat pad closing on a curved or tilted
 surface touches where that surface comes nearest, not necessarily on the centre line); the grasp
 succeeds when both contacts exist with width ≤ ``max_width``, both contact normals lie
 inside the friction cone (half-angle ``atan(mu)``) around the closing axis, and nothing
-collides. :func:`antipodal_grasps` samples surface points, casts a ray inward (within the
+collides. It ignores the width column and re-centres the grasp between the contacts it finds, so it
+asks whether a graspable spot lies at the predicted pose. :func:`antipodal_grasps` samples surface points, casts a ray inward (within the
 friction cone of -normal) to find the opposite contact, spins approach directions around the
 closing axis, and keeps what passes the same test.
+
+Strict test (:func:`evaluate_grasps_strict`): the grasp is executed as predicted, with no
+re-centring and its own width: the jaws open to ``width + clearance`` (1 cm) about the predicted
+centre, the open gripper comes along ``approach`` from a ``standoff`` (5 cm) without any finger or
+palm collision, the jaws close symmetrically about the predicted centre and both pads must touch
+the part before they meet there, the predicted width must be within ``width_tolerance`` (5 mm) of
+the contact distance, and both contact normals must lie inside the friction cone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import open3d as o3d
 
 __all__ = [
     "GRASP_DIM",
+    "STRICT_CLEARANCE",
+    "STRICT_STANDOFF",
+    "STRICT_WIDTH_TOLERANCE",
     "GraspScene",
     "ParallelJawGripper",
+    "StrictGraspCheck",
     "antipodal_grasps",
     "evaluate_grasps",
+    "evaluate_grasps_strict",
     "grasp_frames",
     "is_grasp_successful",
     "make_grasps",
@@ -206,7 +221,8 @@ def evaluate_grasps(mesh, grasps: np.ndarray, gripper: ParallelJawGripper = Para
 
     Args:
         mesh: open3d ``TriangleMesh`` (legacy or tensor, metres, closed) or a prepared :class:`GraspScene`.
-        grasps: ``(G, 11)`` grasp array (the width column is ignored: the fingers close from ``max_width``).
+        grasps: ``(G, 11)`` grasp array (the width column is ignored: the fingers close from ``max_width``;
+            :func:`evaluate_grasps_strict` takes the width and centre as given).
         gripper: the gripper geometry.
         mu: Coulomb friction coefficient (cone half-angle ``atan(mu)``).
         resolution: spacing (m) of the collision samples in the finger and palm volumes.
@@ -235,55 +251,96 @@ def _first_touch(scene: GraspScene, origins: np.ndarray, direction: np.ndarray) 
     return t[rows, j], n[rows, j]
 
 
-def _evaluate_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float, res: float, pad_spacing: float):
-    g = len(grasps)
+def _gripper_axes(grasps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(G, 11)`` grasps → centres ``c`` and the gripper frame ``x`` (closing, made ⊥ approach), ``y = z × x``,
+    ``z`` (approach), each ``(G, 3)``."""
     c, z, x = grasps[:, POSITION], _unit(grasps[:, APPROACH]), _unit(grasps[:, CLOSING])
     x = _unit(x - (x * z).sum(1, keepdims=True) * z)  # closing ⊥ approach
-    y = np.cross(z, x)
-    half_open = gr.max_width / 2 + gr.clearance
+    return c, x, np.cross(z, x), z
+
+
+def _pad_touches(scene: GraspScene, c, x, y, z, half_open: np.ndarray, gr: ParallelJawGripper, pad_res: float):
+    """Close both pads from ``±half_open (G,)`` along the closing axis toward the centre: a grid of rays
+    ``pad_res`` apart over each pad face; each pad stops at its first touch anywhere on the pad.
+
+    Returns ``t_pos, n_pos, t_neg, n_neg``: travel ``(G,)`` of the +x / -x pad to its first touch (inf
+    when every ray misses) and the face normal there ``(G, 3)``."""
     z_lo, z_hi = gr.tip_margin - gr.finger_depth, gr.tip_margin
-    # close each finger from the open position toward the centre: a grid of rays over the pad face;
-    # the finger stops at its first touch anywhere on the pad, which is its contact
-    pad_res = min(res, pad_spacing)
     py = (_grid(np.ceil(gr.finger_width / pad_res) + 1) - 0.5) * gr.finger_width
     pz = z_lo + _grid(np.ceil(gr.finger_depth / pad_res) + 1) * (z_hi - z_lo)
     PY, PZ = (a.reshape(-1) for a in np.meshgrid(py, pz, indexing="ij"))
     pad = PY[None, :, None] * y[:, None, :] + PZ[None, :, None] * z[:, None, :]  # (G, R, 3)
-    t_pos, n_pos = _first_touch(scene, (c + half_open * x)[:, None] + pad, -x)
-    t_neg, n_neg = _first_touch(scene, (c - half_open * x)[:, None] + pad, x)
+    h = half_open[:, None]
+    t_pos, n_pos = _first_touch(scene, (c + h * x)[:, None] + pad, -x)
+    t_neg, n_neg = _first_touch(scene, (c - h * x)[:, None] + pad, x)
+    return t_pos, n_pos, t_neg, n_neg
+
+
+def _friction_margin(n_pos: np.ndarray, n_neg: np.ndarray, x: np.ndarray, mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both contact normals inside the friction cone (half-angle ``atan(mu)``) around the closing axis ``x``:
+    ``(G,)`` bool and the margin ``1 - worst angle / atan(mu)`` clipped to [0, 1]."""
+    cos_cone = np.cos(np.arctan(mu))
+    cos_pos, cos_neg = np.abs((n_pos * x).sum(1)), np.abs((n_neg * x).sum(1))
+    inside = (cos_pos >= cos_cone) & (cos_neg >= cos_cone)
+    worst = np.arccos(np.clip(np.minimum(cos_pos, cos_neg), -1.0, 1.0))
+    return inside, np.clip(1.0 - worst / np.arctan(mu), 0.0, 1.0)
+
+
+def _gripper_collides(scene: GraspScene, c, x, y, z, x_pos: np.ndarray, x_neg: np.ndarray, outer: np.ndarray,
+                      gr: ParallelJawGripper, res: float, sweep: float = 0.0) -> np.ndarray:
+    """``(G,)`` bool: does any collision sample of the fingers or the palm lie inside the part?
+
+    Samples ``res`` apart in the gripper frame (x = closing, y, z = approach; contacts at z = 0): each
+    finger spans ``|y| <= finger_width / 2`` and runs along x from its contact ``x_pos`` / ``x_neg``
+    (``(G,)``, + the gripper's ``clearance``) to its open outer face ``±outer`` ``(G,)``, along z from
+    its base ``tip_margin - finger_depth - sweep`` to its tip ``tip_margin``; the palm spans ``|x| <=
+    outer`` and ``palm_thickness + sweep`` behind the finger base. ``sweep`` > 0 adds the volume the
+    open gripper passes through while moving ``sweep`` metres along the approach onto the grasp.
+    """
+    g = len(c)
+    if g == 0:
+        return np.zeros(0, bool)
+    outer = np.broadcast_to(np.asarray(outer, np.float64), (g,))
+    z_base = gr.tip_margin - gr.finger_depth  # the fingers' base (palm side) at the grasp pose
+    z_lo, z_hi = z_base - sweep, gr.tip_margin
+    o_max = float(outer.max())
+    fx, fy, fz = _grid(np.ceil(o_max / res) + 1), _grid(np.ceil(gr.finger_width / res) + 1), _grid(np.ceil((gr.finger_depth + sweep) / res) + 1)
+    F = np.stack(np.meshgrid(fx, fy, fz, indexing="ij"), -1).reshape(-1, 3)  # unit-cube fractions
+    px, pz = _grid(np.ceil(2 * o_max / res) + 1), _grid(np.ceil((gr.palm_thickness + sweep) / res) + 1)
+    P = np.stack(np.meshgrid(px, fy, pz, indexing="ij"), -1).reshape(-1, 3)
+    ys = (F[:, 1] - 0.5) * gr.finger_width
+    zs = z_lo + F[:, 2] * (z_hi - z_lo)
+    # (G, S) local coordinates per grasp
+    lx_pos = (x_pos + gr.clearance)[:, None] + F[None, :, 0] * (outer - x_pos - gr.clearance)[:, None]
+    lx_neg = (x_neg - gr.clearance)[:, None] - F[None, :, 0] * (outer + x_neg - gr.clearance)[:, None]
+    pxs = -outer[:, None] + P[None, :, 0] * 2 * outer[:, None]
+    pys, pzs = (P[:, 1] - 0.5) * gr.finger_width, z_base - P[:, 2] * (gr.palm_thickness + sweep)
+    local_x = np.concatenate([lx_pos, lx_neg, pxs], 1)
+    local_y = np.concatenate([np.broadcast_to(ys, lx_pos.shape), np.broadcast_to(ys, lx_neg.shape), np.broadcast_to(pys, pxs.shape)], 1)
+    local_z = np.concatenate([np.broadcast_to(zs, lx_pos.shape), np.broadcast_to(zs, lx_neg.shape), np.broadcast_to(pzs, pxs.shape)], 1)
+    pts = c[:, None] + local_x[..., None] * x[:, None] + local_y[..., None] * y[:, None] + local_z[..., None] * z[:, None]
+    return _occupied(scene, pts.reshape(-1, 3)).reshape(g, -1).any(1)
+
+
+def _evaluate_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float, res: float, pad_spacing: float):
+    g = len(grasps)
+    c, x, y, z = _gripper_axes(grasps)
+    half_open = np.full(g, gr.max_width / 2 + gr.clearance)
+    # close each finger from the open position toward the centre; its first touch is its contact
+    t_pos, n_pos, t_neg, n_neg = _pad_touches(scene, c, x, y, z, half_open, gr, min(res, pad_spacing))
     x_pos, x_neg = half_open - t_pos, t_neg - half_open  # contact coordinates along x
     width = x_pos - x_neg
     have = np.isfinite(width) & (t_pos <= 2 * half_open) & (t_neg <= 2 * half_open) & (width >= max(gr.min_width, 1e-6)) & (width <= gr.max_width)
-    cos_cone = np.cos(np.arctan(mu))
-    cos_pos, cos_neg = np.abs((n_pos * x).sum(1)), np.abs((n_neg * x).sum(1))
-    friction = have & (cos_pos >= cos_cone) & (cos_neg >= cos_cone)
-    worst = np.arccos(np.clip(np.minimum(cos_pos, cos_neg), -1.0, 1.0))
-    score = np.where(friction, np.clip(1.0 - worst / np.arctan(mu), 0.0, 1.0), 0.0)
-
-    # collision samples in the gripper frame; finger regions run from the contact (+clearance) to the open finger's outer face
-    outer = half_open + gr.finger_thickness
-    fx, fy, fz = _grid(np.ceil(outer / res) + 1), _grid(np.ceil(gr.finger_width / res) + 1), _grid(np.ceil(gr.finger_depth / res) + 1)
-    F = np.stack(np.meshgrid(fx, fy, fz, indexing="ij"), -1).reshape(-1, 3)  # unit-cube fractions
-    px, pz = _grid(np.ceil(2 * outer / res) + 1), _grid(np.ceil(gr.palm_thickness / res) + 1)
-    P = np.stack(np.meshgrid(px, fy, pz, indexing="ij"), -1).reshape(-1, 3)
+    in_cone, margin = _friction_margin(n_pos, n_neg, x, mu)
+    friction = have & in_cone
+    score = np.where(friction, margin, 0.0)
+    # finger regions run from the contact (+clearance) to the open finger's outer face
     idx = np.flatnonzero(friction)
     collide = np.zeros(g, bool)
     if len(idx):
         xp = np.where(np.isfinite(x_pos[idx]), x_pos[idx], 0.0)
         xn = np.where(np.isfinite(x_neg[idx]), x_neg[idx], 0.0)
-        ys = (F[:, 1] - 0.5) * gr.finger_width
-        zs = z_lo + F[:, 2] * (z_hi - z_lo)
-        # (k, S) local coordinates per grasp
-        lx_pos = (xp + gr.clearance)[:, None] + F[None, :, 0] * (outer - xp - gr.clearance)[:, None]
-        lx_neg = (xn - gr.clearance)[:, None] - F[None, :, 0] * (outer + xn - gr.clearance)[:, None]
-        pxs, pys, pzs = -outer + P[:, 0] * 2 * outer, (P[:, 1] - 0.5) * gr.finger_width, z_lo - P[:, 2] * gr.palm_thickness
-        local_x = np.concatenate([lx_pos, lx_neg, np.broadcast_to(pxs, (len(idx), len(P)))], 1)
-        local_y = np.concatenate([np.broadcast_to(ys, lx_pos.shape), np.broadcast_to(ys, lx_neg.shape), np.broadcast_to(pys, (len(idx), len(P)))], 1)
-        local_z = np.concatenate([np.broadcast_to(zs, lx_pos.shape), np.broadcast_to(zs, lx_neg.shape), np.broadcast_to(pzs, (len(idx), len(P)))], 1)
-        ci, xi, yi, zi = c[idx, None], x[idx, None], y[idx, None], z[idx, None]
-        pts = ci + local_x[..., None] * xi + local_y[..., None] * yi + local_z[..., None] * zi
-        occ = _occupied(scene, pts.reshape(-1, 3)).reshape(len(idx), -1)
-        collide[idx] = occ.any(1)
+        collide[idx] = _gripper_collides(scene, c[idx], x[idx], y[idx], z[idx], xp, xn, half_open[idx] + gr.finger_thickness, gr, res)
     ok = friction & ~collide
     centre = c + ((np.where(np.isfinite(x_pos), x_pos, 0) + np.where(np.isfinite(x_neg), x_neg, 0)) / 2)[:, None] * x
     return ok, np.where(have, width, np.nan), np.where(ok, score, 0.0), centre
@@ -293,6 +350,125 @@ def is_grasp_successful(mesh, grasp: np.ndarray, gripper: ParallelJawGripper = P
     """The analytic antipodal + collision test for one ``(11,)`` grasp (see :func:`evaluate_grasps`)."""
     ok, *_ = evaluate_grasps(mesh, np.asarray(grasp).reshape(1, -1), gripper, mu, resolution)
     return bool(ok[0])
+
+
+#: defaults of the strict protocol (:func:`evaluate_grasps_strict`), metres
+STRICT_CLEARANCE = 0.01
+STRICT_WIDTH_TOLERANCE = 0.005
+STRICT_STANDOFF = 0.05
+
+
+class StrictGraspCheck(NamedTuple):
+    """Per-grasp result of :func:`evaluate_grasps_strict`, every field ``(G,)``.
+
+    Attributes:
+        ok: the grasp passes every condition below.
+        contact_width: distance between the two pads' contacts along the closing axis (nan unless ``touching``).
+        score: friction margin in [0, 1] as in :func:`evaluate_grasps` (0 where not ok).
+        offset: signed offset of the contacts' midpoint from the predicted centre along the closing
+            axis (m; nan unless ``touching``): how far the closing jaws push the part (the lenient check
+            re-centres the grasp by this much where it finds the same contacts).
+        touching: both pads touch the part before the jaws meet at the predicted centre.
+        in_cone: both contact normals inside the friction cone (False unless ``touching``).
+        width_ok: a feasible predicted width (``max(0, min_width) < width <= max_width``) within ``width_tolerance``
+            of ``contact_width``.
+        collision_free: no finger or palm sample inside the part, from the stand-off to the closed grasp
+            (False, not tested, where the predicted width is infeasible).
+    """
+
+    ok: np.ndarray
+    contact_width: np.ndarray
+    score: np.ndarray
+    offset: np.ndarray
+    touching: np.ndarray
+    in_cone: np.ndarray
+    width_ok: np.ndarray
+    collision_free: np.ndarray
+
+
+def evaluate_grasps_strict(mesh, grasps: np.ndarray, gripper: ParallelJawGripper = ParallelJawGripper(), mu: float = 0.5, *,
+                           clearance: float = STRICT_CLEARANCE, width_tolerance: float = STRICT_WIDTH_TOLERANCE,
+                           standoff: float = STRICT_STANDOFF, resolution: float = 0.005, chunk: int = 512,
+                           pad_spacing: float = PAD_RAY_SPACING) -> StrictGraspCheck:
+    """Execute each grasp exactly as predicted (pose and width) and test it: the strict protocol.
+
+    :func:`evaluate_grasps` (lenient) opens the jaws to ``max_width`` whatever the prediction, lets
+    each finger close independently onto the part and reports the centre between the contacts it
+    found, so a grasp whose centre lies off the part, or whose width is wrong, can pass. Here the
+    grasp is taken as given, in the gripper frame of the module docstring (x = closing, z = approach,
+    origin = the predicted ``position``, the point midway between the jaws):
+
+    1. **Opening.** The predicted width ``w`` must satisfy ``0 < w <= max_width`` (and ``>= min_width``); the jaws open
+       symmetrically about the predicted centre to ``min(w + clearance, max_width)`` (pads at
+       ``x = ±opening / 2``).
+    2. **Approach.** The open gripper starts ``standoff`` metres back along ``-approach`` and moves
+       along ``approach`` onto the grasp pose. Every collision sample (``resolution`` apart) of the
+       volume the two fingers and the palm sweep on the way must lie outside the part (ray-parity
+       occupancy of :class:`GraspScene`, as in :func:`evaluate_grasps`).
+    3. **Closing.** The jaws close symmetrically about the predicted centre (no re-centring): each pad
+       moves toward the centre along the closing axis, its first touch (a grid of rays
+       ``pad_spacing`` apart over the pad) is its contact, and the jaws meet at the centre. Both pads
+       must touch the part before they reach the centre, so the part lies between them and straddles
+       the predicted centre. A part off the centre meets one pad first and is pushed along the
+       closing axis until the other pad touches: by ``|offset|``, which conditions 1 and 4 bound
+       by ``(clearance + width_tolerance) / 2``. The finger volumes swept while closing (contact +
+       the gripper's ``clearance`` to the open outer face) are part of the collision test of step 2.
+    4. **Width.** ``|w - contact_width| <= width_tolerance`` (contact_width = distance between the contacts).
+    5. **Friction.** Both contact normals lie inside the friction cone (half-angle ``atan(mu)``)
+       around the closing axis.
+
+    Args:
+        mesh: open3d ``TriangleMesh`` (legacy or tensor, metres, closed) or a prepared :class:`GraspScene`.
+        grasps: ``(G, 11)`` grasp array; the width column is the predicted jaw width (m).
+        gripper: the gripper geometry. mu: Coulomb friction coefficient.
+        clearance: pre-grasp opening beyond the predicted width (m, default 1 cm).
+        width_tolerance: largest ``|predicted width - contact distance|`` (m, default 5 mm).
+        standoff: approach distance from the pre-grasp pose to the grasp pose (m, default 5 cm).
+        resolution: spacing (m) of the collision samples. pad_spacing: spacing (m) of the pad rays
+            (at most ``resolution``). chunk: grasps per batch of ray casts.
+
+    Returns:
+        :class:`StrictGraspCheck` (every field ``(G,)``).
+    """
+    scene = _scene(mesh)
+    grasps = np.atleast_2d(np.asarray(grasps, np.float64))
+    if clearance < 0 or width_tolerance < 0 or standoff < 0:
+        raise ValueError("evaluate_grasps_strict: clearance, width_tolerance and standoff must be >= 0")
+    outs = [_evaluate_strict_chunk(scene, grasps[i : i + chunk], gripper, mu, resolution, pad_spacing, clearance, width_tolerance, standoff)
+            for i in range(0, len(grasps), chunk)]
+    if not outs:
+        e = np.zeros(0, bool)
+        return StrictGraspCheck(e, np.zeros(0), np.zeros(0), np.zeros(0), e, e, e, e)
+    return StrictGraspCheck(*(np.concatenate(parts) for parts in zip(*outs)))
+
+
+def _evaluate_strict_chunk(scene, grasps: np.ndarray, gr: ParallelJawGripper, mu: float, res: float, pad_spacing: float,
+                           clearance: float, width_tolerance: float, standoff: float) -> tuple[np.ndarray, ...]:
+    c, x, y, z = _gripper_axes(grasps)
+    w = grasps[:, WIDTH]
+    feasible = np.isfinite(w) & (w > 0) & (w >= gr.min_width) & (w <= gr.max_width)
+    half_open = np.where(feasible, np.minimum(np.where(feasible, w, 0.0) + clearance, gr.max_width) / 2, gr.max_width / 2)
+    t_pos, n_pos, t_neg, n_neg = _pad_touches(scene, c, x, y, z, half_open, gr, min(res, pad_spacing))
+    # symmetric closing: each pad travels at most to the predicted centre
+    touching = feasible & (t_pos <= half_open) & (t_neg <= half_open)
+    x_pos, x_neg = half_open - t_pos, t_neg - half_open  # contact coordinates along x (pos >= 0 >= neg when touching)
+    width = np.where(touching, x_pos - x_neg, np.nan)
+    touching &= width >= max(gr.min_width, 1e-6)
+    width = np.where(touching, width, np.nan)
+    in_cone, margin = _friction_margin(n_pos, n_neg, x, mu)
+    in_cone &= touching
+    width_ok = touching & (np.abs(w - np.where(touching, width, 0.0)) <= width_tolerance)
+    # the closing sweep runs from each pad's contact, or from the centre where it meets none
+    xp = np.clip(np.where(np.isfinite(x_pos), x_pos, 0.0), 0.0, half_open)
+    xn = np.clip(np.where(np.isfinite(x_neg), x_neg, 0.0), -half_open, 0.0)
+    collision_free = feasible.copy()
+    idx = np.flatnonzero(feasible)
+    if len(idx):
+        collision_free[idx] = ~_gripper_collides(scene, c[idx], x[idx], y[idx], z[idx], xp[idx], xn[idx],
+                                                 half_open[idx] + gr.finger_thickness, gr, res, sweep=standoff)
+    ok = touching & in_cone & width_ok & collision_free
+    offset = np.where(touching, (np.where(touching, x_pos, 0.0) + np.where(touching, x_neg, 0.0)) / 2, np.nan)
+    return ok, width, np.where(ok, margin, 0.0), offset, touching, in_cone, width_ok, collision_free
 
 
 def _perpendicular_basis(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,12 +36,14 @@ class EncoderOutput(NamedTuple):
         positions: (B, L, 3) token positions: group centres in metres (sensor frame).
         padding_mask: (B, L) bool, True where a token is padding.
         levels: grid sizes of image feature levels; always empty for points.
+        maps: backbone feature maps of image encoders for dense heads; always empty for points.
     """
 
     tokens: Tensor
     positions: Tensor
     padding_mask: Tensor
     levels: tuple = ()
+    maps: tuple = ()
 
 
 def _gather_points(x: Tensor, idx: Tensor) -> Tensor:

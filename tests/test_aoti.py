@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lineside.export.backends import BackendError, TorchBackend, load_backend
+from lineside.runtime import BackendError, TorchBackend, load_backend
 from lineside.export.metadata import read_metadata
 from lineside.export.parity import check_parity
 
@@ -21,9 +21,10 @@ CKPT = Path(__file__).parent / "data" / "pre_namespace_tiny.ckpt"
 @pytest.fixture(scope="module")
 def aoti_export(tmp_path_factory):
     from lineside.export.aoti import export_aoti
+    from lineside.runtime.verify import verify_artefact
 
     out = tmp_path_factory.mktemp("aoti")
-    return export_aoti(CKPT, out, batch_sizes=(1, 4), parity_images=6)
+    return export_aoti(CKPT, out, batch_sizes=(1, 4), parity_images=6, verify=verify_artefact)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_runs_without_training_code(aoti_export):
     """A station process: the package runs with neither Lightning nor the model classes imported."""
     code = (
         "import sys, numpy as np\n"
-        "from lineside.export.backends import load_backend\n"
+        "from lineside.runtime import load_backend\n"
         f"b = load_backend({str(aoti_export.path)!r})\n"
         "out = b(np.zeros((2, 1, 64, 64), np.uint8))\n"
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'timm', 'lineside.fusion.model', 'lineside.fusion.lightning_module', 'lineside.vision.image_encoder') if m in sys.modules]\n"
@@ -105,7 +106,7 @@ def test_runs_without_training_code(aoti_export):
 
 
 def test_cli_rejects_unknown_device(tmp_path, capsys):
-    from lineside.export.aoti import main
+    from lineside.cli.export import aoti_main as main
 
     assert main(["--ckpt", str(CKPT), "--out", str(tmp_path), "--device", "tpu", "--parity-images", "0"]) == 1
     assert "cpu or cuda" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``lineside bench``: one table, identical frames, parity and ratios per backend; a backend that fails is a row."""
 
 from conftest import REPO
-from lineside.export.bench import format_table, run_bench
+from lineside.runtime.bench import format_table, run_bench
 
 TINY = str(REPO / "tests" / "data" / "pre_namespace_tiny.ckpt")
 
@@ -18,7 +18,7 @@ def test_bench_rows_for_eager_and_onnxruntime(monkeypatch):
 
 
 def test_a_backend_that_cannot_be_built_is_a_row_not_a_crash(monkeypatch):
-    from lineside.export import bench
+    from lineside.runtime import bench
 
     real = bench._builders
 

@@ -60,7 +60,11 @@ def test_xray_castings_tiny_fit_dedupes_before_splitting(tmp_path):
     best = run / "checkpoints" / "best.ckpt"
     assert torch.load(best, map_location="cpu", weights_only=False)["lineside"]["class_names"] == ["class_0", "class_1"]
     metrics = main(["test", *args, "--ckpt_path", str(best)]).trainer.callback_metrics
-    assert 0.0 <= float(metrics["test/auroc_defective"]) <= 1.0
+    auroc = float(metrics["test/auroc_defective"])
+    if len({r.label for r in dm.splits["test"]}) > 1:
+        assert 0.0 <= auroc <= 1.0
+    else:  # one grade only among the test cells: undefined, NaN as lineside score reports it
+        assert math.isnan(auroc)
 
 
 def _tiny_det_fit(tmp_path: Path, config: str, num_classes: int, extra: list[str] = ()) -> tuple[Path, list[dict]]:

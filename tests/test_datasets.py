@@ -157,7 +157,7 @@ def test_real_xray_castings_only_train_split_is_split_here(shared_data):
 
 
 def test_elpv_manifest_cli_writes_the_test_split(tmp_path):
-    from lineside.vision.elpv import main as _main
+    from lineside.cli.elpv import main as _main
 
     out = tmp_path / "test.csv"
     assert _main(["manifest", "--split", "test", "--out", str(out)]) == 0

@@ -99,12 +99,13 @@ def test_checkpoint_loads_and_deploys(tiny_run: Path) -> None:
 def test_export_onnx_box_parity(tiny_run: Path, tmp_path: Path, shared_data: Path) -> None:
     pytest.importorskip("onnxruntime")
     from lineside.export.onnx_export import export_onnx
+    from lineside.runtime.verify import verify_artefact
 
     calib = tmp_path / "calib"
     calib.mkdir()
     for p in sorted((shared_data / "neu_det" / "IMAGES").glob("*.jpg"))[::300][:4]:
         shutil.copy(p, calib / p.name)
-    result = export_onnx(tiny_run / "checkpoints" / "last.ckpt", tmp_path / "onnx", parity_images=4, calib=calib)
+    result = export_onnx(tiny_run / "checkpoints" / "last.ckpt", tmp_path / "onnx", parity_images=4, calib=calib, verify=verify_artefact)
     names = [o["name"] for o in result.metadata["outputs"]]
     assert names == ["boxes", "box_scores", "box_labels", "defect_heatmap"]
     assert result.parity is not None and result.parity.ok, result.parity.table()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC, MulticlassF1Score
 
-from lineside.fusion.crossval import main as crossval_main
+from lineside.cli.crossval import main as crossval_main
 from lineside.export.checkpoint import load_inspection_model
 from lineside.fusion.ensemble import InspectionEnsemble, fit_grade_bias, grade_metrics
 from lineside.fusion.model import InspectionOutput

@@ -86,9 +86,9 @@ def test_tiny_image_and_point_fit_and_tools_bench(tmp_path, shared_data, capsys)
     model = cli.model.model
     assert model.image_encoder is not None and cli.datamodule.image_size == 32
     batch = next(iter(cli.datamodule.val_dataloader()))
-    encoded = model.encode(**cli.model._inputs(batch))
+    encoded = model.encode(**cli.model.model.batch_inputs(batch))
     assert set(encoded) == {"image", "points"}  # both modalities enter the fusion transformer
-    out = model(**cli.model._inputs(batch))
+    out = model(**cli.model.model.batch_inputs(batch))
     assert out.grasp is not None
     assert (run / "checkpoints" / "best.ckpt").is_file()
     # the tools bench rebuilds the image views from the checkpoint's data settings and feeds both modalities

@@ -154,9 +154,11 @@ def test_grasp_data_with_an_image_only_model_errors_clearly(tmp_path) -> None:
 
 def test_grasp_metrics_success_and_coverage() -> None:
     """A 4 cm cube 0.4 m in front of the camera: a side grasp succeeds, a grasp in the air fails;
-    coverage counts the ground-truth clusters a successful grasp reaches."""
+    coverage counts the ground-truth clusters a successful grasp reaches. The grasp task's metric
+    is registered with the LightningModule (moved, reset and synced by Lightning)."""
     from lineside.fusion import FusionTransformer, InspectionModel
     from lineside.fusion.grasp_head import GraspHead
+    from lineside.fusion.grasp_metrics import GraspSuccess
     from lineside.fusion.lightning_module import InspectionModule
     from lineside.pointcloud.grasp_dataset import _mesh_ref
     from lineside.pointcloud.point_encoder import PointEncoder
@@ -164,19 +166,33 @@ def test_grasp_metrics_success_and_coverage() -> None:
     model = InspectionModel(point_encoder=PointEncoder(32, (16, 4), (8, 4), ((16, 32), (32, 32)), (0.1, 0.3)),
                             fusion=FusionTransformer(32, depth=1, num_heads=2, modalities={"points": 3}), grasp_head=GraspHead(32))
     module = InspectionModule(model, coverage_radius=0.02)
+    metric = module.metrics["val"]["grasp"]
+    assert isinstance(metric, GraspSuccess) and metric.coverage_radius == 0.02
+    assert any(m is metric for m in module.modules())
     pose = np.eye(4)
     pose[:3, 3] = [0.0, 0.0, 0.4]  # make_part centres the box: its centre 0.4 m in front of the camera
     ref = _mesh_ref(kind="box", dims={"sx": 0.04, "sy": 0.04, "sz": 0.04}, pose=pose)
     good = ([0.0, 0.0, 0.4], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0])
     air = ([0.2, 0.0, 0.4], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0])
-    gt = np.array([[0.0, 0.0, 0.4], [0.0, 0.001, 0.4], [0.0, 0.0, 0.43]])  # two clusters at 2 cm
-    rows = [
-        tuple(np.array(v, np.float32) for v in zip(good, air)) + (np.array([0.9, 0.8], np.float32), ref, gt),
-        tuple(np.array(v, np.float32) for v in zip(air, good)) + (np.array([0.9, 0.8], np.float32), ref, gt),
-    ]
-    m = module.grasp_metrics(rows)
+    gt = torch.tensor([[0.0, 0.0, 0.4], [0.0, 0.001, 0.4], [0.0, 0.0, 0.43]])  # two clusters at 2 cm
+    views = [tuple(torch.tensor(v) for v in zip(good, air)), tuple(torch.tensor(v) for v in zip(air, good))]
+    pos, app, clo = (torch.stack([v[j] for v in views]) for j in range(3))
+    metric.update(pos, app, clo, torch.tensor([[0.9, 0.8]] * 2), [ref, ref], gt.expand(2, -1, -1), torch.ones(2, 3, dtype=torch.bool))
+    m = {k: float(v) for k, v in metric.compute().items()}
     assert m["grasp_top1"] == 0.5 and m["grasp_top5"] == 1.0
     assert m["grasp_coverage"] == 0.5  # each view reaches the first cluster, not the one 3 cm away
+    assert "grasp_top1_strict" not in m  # no widths given: no strict figures
+    metric.reset()
+    assert float(metric.samples) == 0
+    # strict: executed as predicted; the 4 cm cube needs a 4 cm width, half of it fails
+    args = (pos, app, clo, torch.tensor([[0.9, 0.8]] * 2), [ref, ref], gt.expand(2, -1, -1), torch.ones(2, 3, dtype=torch.bool))
+    metric.update(*args, torch.full((2, 2), 0.04))
+    m = {k: float(v) for k, v in metric.compute().items()}
+    assert m["grasp_top1_strict"] == 0.5 and m["grasp_top5_strict"] == 1.0
+    metric.reset()
+    metric.update(*args, torch.full((2, 2), 0.02))
+    m = {k: float(v) for k, v in metric.compute().items()}
+    assert m["grasp_top1"] == 0.5 and m["grasp_top5_strict"] == 0.0
 
 
 def test_box_reference_is_a_procedural_part() -> None:

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from lineside.vision.elpv import elpv_records
-from lineside.vision.patch_memory import PatchMemory, PatchMemoryError, image_batches, main
+from lineside.cli.patch_memory import main
+from lineside.vision.patch_memory import PatchMemory, PatchMemoryError
+from lineside.vision.patch_memory_scoring import image_batches
 
 SIZE = 160  # small for speed; the recipe uses ELPV's native 300 px
 
@@ -116,7 +118,7 @@ def test_image_batches_resize_any_size_and_keep_paths(tmp_path):
 
 
 def test_auroc_reads_distances_as_scores_not_logits():
-    from lineside.vision.patch_memory import _auroc
+    from lineside.vision.patch_memory_scoring import anomaly_auroc as _auroc
 
     scores = np.array([3.0, 4.0, 20.0, 25.0, 30.0])  # distances, far outside 0..1
     assert _auroc(scores, np.array([0, 0, 1, 1, 1], bool)) == pytest.approx(1.0)

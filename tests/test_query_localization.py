@@ -207,6 +207,102 @@ def test_head_shapes_and_gradients(two_stage: bool) -> None:
         QueryLocalizationHead(D, C, num_queries=200, num_heads=2)(fused, image)
 
 
+def test_head_checkpoint_keys_are_stable() -> None:
+    """Checkpoints written before the head's criterion, matcher and decoder moved to their own files
+    load: the head's state_dict keys are exactly these."""
+    expected = {
+        *(f"{m}.{i}.{p}" for m in ("memory_proj", "content_proj") for i in (0, 1) for p in ("weight", "bias")),
+        *(f"{m}.{i}.{p}" for m in ("pos_mlp", "defect") for i in (0, 2) for p in ("weight", "bias")),
+        *(f"{m}.{i}.{p}" for m in ("box_heads.0", "enc_box") for i in (0, 2, 4) for p in ("weight", "bias")),
+        *(f"{m}.{p}" for m in ("class_heads.0", "enc_class") for p in ("weight", "bias")),
+        *(f"layers.0.{a}.{p}" for a in ("self_attn", "cross_attn")
+          for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")),
+        *(f"layers.0.{m}.{p}" for m in ("ff.0", "ff.3", "norm1", "norm2", "norm3") for p in ("weight", "bias")),
+    }
+    two_stage = QueryLocalizationHead(D, C, num_queries=4, num_layers=1, num_heads=2)
+    assert set(two_stage.state_dict()) == expected
+    learned = QueryLocalizationHead(D, C, num_queries=4, num_layers=1, num_heads=2, two_stage=False)
+    two_stage_only = {k for k in expected if k.startswith(("enc_", "content_proj"))}
+    assert set(learned.state_dict()) == (expected - two_stage_only) | {"query_anchor.weight", "query_content.weight"}
+    learned.load_state_dict(QueryLocalizationHead(D, C, num_queries=4, num_layers=1, num_heads=2, two_stage=False).state_dict())
+
+
+def test_moved_names_import_from_the_head_module() -> None:
+    """The config class paths and older imports (``…query_localization_head.X``) name the same objects."""
+    import lineside.fusion.query_localization_head as old
+    from lineside.fusion import box_ops, box_targets, hungarian_matcher, query_box_decoder, query_localization_criterion
+
+    assert old.QueryLocalizationCriterion is query_localization_criterion.QueryLocalizationCriterion
+    assert old.QueryBoxDecoder is query_box_decoder.QueryBoxDecoder
+    assert old.hungarian_match is hungarian_matcher.hungarian_match
+    assert old.box_coverage is box_targets.box_coverage
+    for name in ("box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "inverse_sigmoid"):
+        assert getattr(old, name) is getattr(box_ops, name), name
+    assert set(old.__all__) <= set(dir(old))
+    cxcywh = torch.tensor([[0.5, 0.25, 0.2, 0.1]])
+    assert torch.allclose(box_ops.box_cxcywh_to_xyxy(cxcywh), torch.tensor([[0.4, 0.2, 0.6, 0.3]]))
+    assert torch.allclose(box_ops.box_xyxy_to_cxcywh(box_ops.box_cxcywh_to_xyxy(cxcywh)), cxcywh)
+    assert torch.allclose(box_ops.inverse_sigmoid(torch.tensor([0.5, 0.0, 1.0])).sigmoid(), torch.tensor([0.5, 1e-5, 1 - 1e-5]))
+
+
+# --------------------------------------------------------------------------- shared box targets and image levels
+
+
+def test_padded_box_targets_validity_and_labelled() -> None:
+    from lineside.fusion.box_targets import padded_box_targets
+
+    boxes = torch.tensor([[[0.0, 0, 8, 8], [4, 4, 4, 9], [0, 0, 8, 8], [0, 0, 8, 8]],  # zero width; class 3 ≥ C; class -1
+                          [[0.0, 0, 8, 8], [0, 0, 8, 8], [0, 0, 0, 0], [0, 0, 0, 0]]])  # padding
+    labels = torch.tensor([[0, 1, 3, -1], [2, 0, 0, 0]])
+    box_mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    t = padded_box_targets({"boxes": boxes, "labels": labels, "box_mask": box_mask}, 2, C, torch.device("cpu"))
+    assert t.valid.tolist() == [[True, False, False, False], [True, False, False, False]]
+    assert t.labelled.tolist() == [True, True] and t.boxes.dtype == torch.float32
+    none = {"boxes": boxes, "labels": labels, "box_mask": torch.zeros_like(box_mask), "has_boxes": torch.tensor([False, True])}
+    assert padded_box_targets(none, 2, C, torch.device("cpu")).labelled.tolist() == [False, True]
+    some = {**none, "box_mask": box_mask, "has_boxes": torch.tensor([False, False])}  # a valid box makes a sample labelled
+    assert padded_box_targets(some, 2, C, torch.device("cpu")).labelled.tolist() == [True, True]
+
+
+def test_both_localization_criteria_read_targets_alike() -> None:
+    """The CenterNet and the query criterion share one reading of the batch: the same defect target
+    (mask where there is one, else box coverage) and the same labelled samples on the same grid."""
+    from lineside.fusion.localization_criterion import LocalizationCriterion
+    from lineside.fusion.localization_head import LocalizationOutput
+
+    targets = batch_targets()
+    targets["labels"][0, 1] = C  # out of range: left out by both
+    query = QueryLocalizationCriterion(C).prepare_targets(random_output(), targets)
+    grid = torch.zeros(3, C, 8, 8)
+    centre = LocalizationCriterion(C).build_targets(LocalizationOutput(grid, grid[:, :2], grid[:, :2], grid[:, :1]), targets)
+    assert torch.equal(query["defect"], centre["defect"]) and torch.equal(query["labelled"], centre["labelled"])
+    assert query["labelled"].tolist() == [True, True, False]
+    assert query["targets"][0][0].tolist() == [1] and centre["box_valid"][0].tolist() == [True, False]
+    assert query["defect"][0, 0, 5, 4] == 0  # the left-out box adds no coverage
+    with pytest.raises(ValueError, match="image_size"):
+        QueryLocalizationCriterion(C).prepare_targets(random_output(), {k: v for k, v in targets.items() if k not in ("image", "mask")})
+    sized = {k: v for k, v in targets.items() if k not in ("image", "mask")} | {"image_size": (64, 64)}
+    assert torch.equal(QueryLocalizationCriterion(C).prepare_targets(random_output(), sized)["targets"][0][1], query["targets"][0][1])
+
+
+def test_level_tokens_picks_each_level() -> None:
+    from lineside.fusion.image_levels import image_span, level_slice, level_tokens
+
+    fused, image = synthetic_fused(b=2, levels=((4, 4), (2, 2)), extra_before=3)
+    assert image_span(fused, image) == (3, 23, ((4, 4), (2, 2)))
+    assert level_slice(((4, 4), (2, 2)), 1) == level_slice(((4, 4), (2, 2)), -1) == (16, 2, 2)
+    fine, h, w = level_tokens(fused, image, 0)
+    assert (h, w) == (4, 4) and torch.equal(fine, fused.tokens[:, 3:19])
+    coarse, h, w = level_tokens(fused, image, -1)
+    assert (h, w) == (2, 2) and torch.equal(coarse, fused.tokens[:, 19:23])
+    with pytest.raises(IndexError, match="level_index 2"):
+        level_tokens(fused, image, 2)
+    with pytest.raises(ValueError, match="image span 3:23 holds 20 tokens"):
+        level_tokens(fused, image._replace(levels=((4, 4),)), 0)
+    head = QueryLocalizationHead(D, C, num_queries=4, num_heads=2, level_index=-1)
+    assert head(fused, image).defect.shape == (2, 1, 2, 2)  # the heatmap on the coarsest grid
+
+
 # --------------------------------------------------------------------------- decoder
 
 
@@ -286,17 +382,19 @@ def test_model_with_query_head_exports_image_to_boxes(tmp_path) -> None:
     assert [tuple(g.shape[1:]) for g in got] == [(8, 4), (8,), (8,), (1, 4, 4)]
 
 
-def test_inspection_module_uses_the_heads_criterion_and_decoder() -> None:
+def test_inspection_module_uses_the_query_tasks_criterion_and_decoder() -> None:
     torch.manual_seed(5)
     module = InspectionModule(tiny_model(), top_k=20)
-    assert isinstance(module.localization_criterion, QueryLocalizationCriterion)
+    assert [type(t).__name__ for t in module.model.tasks] == ["QueryLocalizationTask"]
+    assert isinstance(module.criteria["localization"], QueryLocalizationCriterion)
     batch = batch_targets()
     batch["image"] = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
     losses = module._losses(module.model(batch["image"]), batch)
     assert torch.isfinite(losses["loss"]) and "loss_ce" in losses and "loss_localization" in losses
-    decoder = module._decoder(batch["image"])
+    decoder = module.deployable(batch).box_decoder
     assert isinstance(decoder, QueryBoxDecoder) and decoder.top_k == 20
-    boxes, scores, labels, heat = module._localize(batch, "predict")
+    out = module.decode(batch)
+    boxes, heat = out["boxes"], out["defect_heatmap"]
     assert boxes.shape == (3, 20, 4) and heat.shape == (3, 1, 4, 4)
     assert (boxes >= 0).all() and (boxes <= 64).all()
 

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from conftest import write_image
-from lineside.export.score import collect_inputs, main, score
+from lineside.cli.score import main
+from lineside.runtime.score import collect_inputs, score
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +133,8 @@ def test_labelled_manifest_is_evaluated(tiny_ckpt, folder, tmp_path, capsys):
 def test_every_backend_gives_the_same_grades(tiny_ckpt, folder, tmp_path):
     """A checkpoint scores through its cached ONNX export by default; eager torch and the exported
     graph (given directly) give the same grades and probabilities row for row."""
-    from lineside.export.backends import OnnxRuntimeBackend, TorchBackend
-    from lineside.export.score import open_model
+    from lineside.runtime import OnnxRuntimeBackend, TorchBackend
+    from lineside.runtime.score import open_model
 
     auto = open_model(tiny_ckpt)
     assert isinstance(auto, OnnxRuntimeBackend) and auto.metadata["parity"]["ok"]
@@ -152,7 +153,7 @@ def test_every_backend_gives_the_same_grades(tiny_ckpt, folder, tmp_path):
 
 
 def test_exported_artefact_refuses_a_new_input_size(tiny_ckpt, tmp_path):
-    from lineside.export.score import open_model
+    from lineside.runtime.score import open_model
     from lineside.vision.io import InputError
 
     onnx_path = open_model(tiny_ckpt).path

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lineside.export import sources as sources_mod
-from lineside.export import station as station_mod
-from lineside.export.backends import Backend, TorchBackend
-from lineside.export.sources import (
+from lineside.runtime import sources as sources_mod
+from lineside.runtime import Backend, TorchBackend
+from lineside.runtime.sources import (
     FolderSource,
     Frame,
     FrameError,
@@ -37,7 +36,8 @@ from lineside.export.sources import (
     convert_genicam,
     open_source,
 )
-from lineside.export.station import JsonlWriter, Station, recorded_paths
+from lineside.runtime.station import JsonlWriter, Station, recorded_paths
+from lineside.cli.station import main as station_main
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "tests" / "data" / "pre_namespace_tiny.ckpt"
@@ -214,7 +214,7 @@ def test_folder_once_with_a_corrupt_frame(tmp_path, backend, capsys):
 
     # the CLI over the same folder and results resumes: nothing is recorded twice
     assert recorded_paths(out) == {r["path"] for r in recs}
-    rc = station_mod.main(["--model", str(CKPT), "--source", str(drop), "--out", str(out), "--once", "--no-warmup", "--settle-ms", "50"])
+    rc = station_main(["--model", str(CKPT), "--source", str(drop), "--out", str(out), "--once", "--no-warmup", "--settle-ms", "50"])
     assert rc == 0
     assert len(read_records(out)) == 6
     err = capsys.readouterr().err
@@ -530,7 +530,7 @@ def test_genicam_without_a_producer_says_what_to_do(tmp_path, monkeypatch, capsy
     with pytest.raises(SourceError, match="not a .cti GenTL producer"):
         open_source("genicam://", cti=str(tmp_path / "missing.cti"))
     # and from the command line: exit 2 with the message, before any model is loaded
-    rc = station_mod.main(["--model", str(tmp_path / "no_model.onnx"), "--source", "genicam://", "--out", str(tmp_path / "r.jsonl")])
+    rc = station_main(["--model", str(tmp_path / "no_model.onnx"), "--source", "genicam://", "--out", str(tmp_path / "r.jsonl")])
     assert rc == 2
     assert "lineside station: error: GenICam source: no GenTL producer" in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ from conftest import REPO
 from lineside.export.checkpoint import load_inspection_model
 from lineside.export.deployable import build_deployable
 from lineside.fusion.training_cli import main as train_main
+from lineside.runtime.verify import verify_artefact
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,11 @@ def test_text_model_trains_on_elpv_cell_types_and_uses_the_text(text_ckpt):
 
 
 def test_prompt_is_baked_into_the_exported_graph_with_parity(text_ckpt, tmp_path):
-    from lineside.export.backends import OnnxRuntimeBackend
+    from lineside.runtime import OnnxRuntimeBackend
     from lineside.export.onnx_export import export_onnx
 
     loaded = load_inspection_model(text_ckpt)
-    r = export_onnx(loaded, tmp_path, parity_images=4, text_prompt="monocrystalline")
+    r = export_onnx(loaded, tmp_path, parity_images=4, text_prompt="monocrystalline", verify=verify_artefact)
     assert r.ok, r.parity.table()
     assert r.metadata["preprocessing"]["text_prompt"] == "monocrystalline"
     x = np.random.default_rng(0).integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)

@@ -9,7 +9,8 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from lineside.export.triton import main, model_config_pb2, write_repository
+from lineside.cli.export import triton_main as main
+from lineside.export.triton import model_config_pb2, write_repository
 
 CKPT = Path(__file__).parent / "data" / "pre_namespace_tiny.ckpt"
 
@@ -72,7 +73,7 @@ def test_onnx_repository_matches_graph(onnx_model, tmp_path):
 def test_repository_model_loads_with_backend(onnx_model, tmp_path):
     import numpy as np
 
-    from lineside.export.backends import load_backend
+    from lineside.runtime import load_backend
 
     repo = write_repository(tmp_path, onnx_model, device="cpu")
     assert repo.config.instance_group[0].kind == model_config_pb2().ModelInstanceGroup.KIND_CPU

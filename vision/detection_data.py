@@ -35,6 +35,7 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from lineside.vision.box_records import DetectionRecord, load_detection_sample  # noqa: E402
+from lineside.vision.transforms import FrameResize  # noqa: E402
 
 __all__ = [
     "DetectionDataset",
@@ -61,7 +62,7 @@ def detection_compose(ops: Sequence, min_visibility: float = 0.3, min_size: floa
 def build_detection_eval_transform(image_size: int | tuple[int, int]) -> A.Compose:
     """Resize to ``image_size`` (side, or ``(height, width)``); boxes and mask scale with it."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    return detection_compose([A.Resize(h, w, interpolation=1, mask_interpolation=0)], min_visibility=0.0)
+    return detection_compose([FrameResize(h, w, mask_interpolation=0)], min_visibility=0.0)
 
 
 def build_detection_train_transform(
@@ -79,7 +80,7 @@ def build_detection_train_transform(
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     ops = [
-        A.Resize(h, w, interpolation=1, mask_interpolation=0),
+        FrameResize(h, w, mask_interpolation=0),
         A.HorizontalFlip(p=0.5),
         *([A.VerticalFlip(p=0.5)] if vertical_flip else []),
         A.Affine(scale=(0.93, 1.07), translate_percent=(-0.04, 0.04), rotate=(-3, 3), border_mode=0, fill=0, fill_mask=0, mask_interpolation=0, p=0.5),

@@ -83,31 +83,3 @@ def write_elpv_manifest(out: str | os.PathLike, indices: list[int] | None = None
             w.writerow([r.path, ELPV_GRADE_NAMES[r.label], r.text])
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lineside.vision.elpv manifest --split test --out cells.csv``: a manifest of one split."""
-    import argparse
-
-    from lineside.vision.splits import block_split
-
-    ap = argparse.ArgumentParser(prog="lineside elpv", description="Built-in ELPV data helpers")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("manifest", help="write a path,label,text CSV of a block split (as train.py makes it)")
-    m.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
-    m.add_argument("--out", required=True)
-    m.add_argument("--block-size", type=int, default=60)
-    m.add_argument("--val-fraction", type=float, default=0.1)
-    m.add_argument("--test-fraction", type=float, default=0.2)
-    m.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    labels = [r.label for r in elpv_records()]
-    idx = None
-    if a.split != "all":
-        idx = block_split(labels, a.block_size, a.val_fraction, a.test_fraction, a.seed)[a.split]
-    out = write_elpv_manifest(a.out, idx)
-    print(f"wrote {len(idx) if idx is not None else len(labels)} ELPV cells ({a.split}) to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -56,9 +56,10 @@ class ScoringImageDataset(Dataset):
     Each sample is ``{"image": (C, H, W) uint8, "path": str, "error": str, "size": (H0, W0)}``
     (``size``: the file's own size, to map boxes back to its pixels; a zero image, ``size`` (0, 0)
     and a message starting with the path when the file cannot be used), so one bad file never stops a batch.
-    The resize is OpenCV ``INTER_LINEAR`` (:func:`vision.preprocess.resize_frame`), exactly
-    the training pipeline's; with ``size`` equal to the training size the model's in-graph
-    resize is then a no-op.
+    The resize is :func:`vision.preprocess.resize_frame`, the one every path shares (training
+    transforms, the station, the resize inside exported graphs; bit-exact to OpenCV
+    ``INTER_LINEAR``); with ``size`` equal to the training size the model's in-graph resize is
+    then a no-op, and with a larger artefact input size the graph's resize gives the same bytes.
 
     Args:
         paths: image files.

@@ -35,12 +35,16 @@ class EncoderOutput(NamedTuple):
         levels: for image tokens, the (h, w) grid of each feature level in token order (the
             first h·w tokens are level 0 …), so dense heads can fold tokens back into maps;
             empty for modalities without a grid.
+        maps: for images, the backbone feature maps of ``ImageEncoder(dense_levels=…)``, finest
+            first, (B, C_l, H/s_l, W/s_l) each (strides ``ImageEncoder.map_strides``), for dense
+            decoders (segmentation); they do not enter the fusion transformer. Empty otherwise.
     """
 
     tokens: Tensor
     positions: Tensor
     padding_mask: Tensor
     levels: tuple = ()
+    maps: tuple = ()
 
 
 class ImageEncoder(nn.Module):
@@ -70,6 +74,9 @@ class ImageEncoder(nn.Module):
             ``"image"`` (each image standardised by its own mean and standard deviation per
             channel, so exposure and sensor gain that vary between modules, stations or
             cameras are removed before the backbone).
+        dense_levels: feature levels (as ``feature_levels``) whose backbone maps are also returned,
+            untokenised, in ``EncoderOutput.maps`` (finest first; strides ``map_strides``, channels
+            ``map_channels``) for dense decoders; () = none.
 
     Shapes:
         forward: images (B, C, H, W) uint8/float in [0, 255] → :class:`EncoderOutput` with
@@ -88,6 +95,7 @@ class ImageEncoder(nn.Module):
         frozen_levels: int = 0,
         line_enhance: int = 0,
         input_norm: str = "dataset",
+        dense_levels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if input_norm not in ("dataset", "image"):
@@ -107,9 +115,13 @@ class ImageEncoder(nn.Module):
         if not 0 <= frozen_levels <= n_levels:
             raise ValueError(f"frozen_levels must be in 0..{n_levels} for {backbone}, got {frozen_levels}")
         levels = sorted({lvl % n_levels for lvl in feature_levels})
+        dense = sorted({lvl % n_levels for lvl in dense_levels})
+        out_indices = sorted({*levels, *dense})
+        self._token_at = [out_indices.index(lvl) for lvl in levels]  # backbone outputs that become tokens
+        self._map_at = [out_indices.index(lvl) for lvl in dense]  # backbone outputs kept as maps
         kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone = timm.create_model(
-            backbone, pretrained=False, features_only=True, out_indices=levels, in_chans=in_chans, **kwargs
+            backbone, pretrained=False, features_only=True, out_indices=out_indices, in_chans=in_chans, **kwargs
         )
         self.weights_source = self._load_weights(backbone, pretrained, weights_path)
         self.backbone.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU (oneDNN)
@@ -117,8 +129,11 @@ class ImageEncoder(nn.Module):
         self._frozen_norms: list[nn.Module] = []
         if frozen_levels:
             self._freeze(level_modules[frozen_levels - 1])
-        channels = self.backbone.feature_info.channels()
-        self.strides = self.backbone.feature_info.reduction()
+        all_channels, all_strides = self.backbone.feature_info.channels(), self.backbone.feature_info.reduction()
+        channels = [all_channels[i] for i in self._token_at]
+        self.strides = [all_strides[i] for i in self._token_at]
+        self.map_strides = [all_strides[i] for i in self._map_at]
+        self.map_channels = [all_channels[i] for i in self._map_at]
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in channels)
         self.level_embed = nn.Parameter(torch.zeros(len(channels), embed_dim))
         nn.init.trunc_normal_(self.level_embed, std=0.02)
@@ -184,7 +199,8 @@ class ImageEncoder(nn.Module):
         return (x * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> EncoderOutput:
-        feats = self.backbone(self.normalize(images))
+        out = self.backbone(self.normalize(images))
+        feats = [out[i] for i in self._token_at]
         tokens, positions, grids = [], [], []
         for i, (f, proj) in enumerate(zip(feats, self.proj)):
             t = proj(f)  # (B, D, h, w)
@@ -198,4 +214,4 @@ class ImageEncoder(nn.Module):
         tokens_t = torch.cat(tokens, dim=1)
         positions_t = torch.cat(positions, dim=1)
         padding = torch.zeros(tokens_t.shape[:2], dtype=torch.bool, device=tokens_t.device)
-        return EncoderOutput(tokens_t, positions_t, padding, tuple(grids))
+        return EncoderOutput(tokens_t, positions_t, padding, tuple(grids), tuple(out[i] for i in self._map_at))

@@ -1,32 +1,30 @@
 """``lineside bench``: every backend on identical real frames, in one run: parity vs eager, latency, throughput.
 
-    lineside bench --ckpt runs/quickstart/checkpoints/best.ckpt               # CPU
-    lineside bench --ckpt best.ckpt --device cuda --input-size 300 --batch 144   # a GPU station: one module of 144 cells
+    lineside bench --model runs/quickstart/checkpoints/best.ckpt                        # CPU
+    lineside bench --model best.ckpt --device cuda --input-size 300 --batch-size 144    # a GPU station: one module of 144 cells
 
 For each backend available here (eager torch, torch.compile, ONNX Runtime FP32, ONNX Runtime
 INT8, AOTInductor; on a GPU also CUDA graphs, FP16/BF16 autocast and TensorRT when its runtime
 is installed) it prints parity against eager (max |Δ| of ``grade_probs``, grade agreement),
-latency p50/p99 at batch 1, throughput at ``--batch`` and the ratios to eager. A backend that
+latency p50/p99 at batch 1, throughput at ``--batch-size`` and the ratios to eager. A backend that
 cannot be built here gets a row saying why; the others still run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["BenchRow", "run_bench", "main"]
+__all__ = ["BenchRow", "run_bench", "format_table"]
 
 log = logging.getLogger("lineside.bench")
 
@@ -63,9 +61,12 @@ def _throughput(backend, batch: np.ndarray, min_seconds: float = 3.0, min_rounds
     return n / (time.perf_counter() - start)
 
 
-def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32) -> list[tuple[str, Callable]]:
+def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32,
+              trust_checkpoint: bool = False) -> list[tuple[str, Callable]]:
     """(name, () -> Backend) for every backend worth trying on ``device``."""
-    from lineside.export.backends import TorchBackend, load_backend
+    trust = {"trust_checkpoint": trust_checkpoint}
+    from lineside.runtime.backend import load_backend
+    from lineside.runtime.torch_backend import TorchBackend
 
     state: dict = {}
 
@@ -73,7 +74,7 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32
         if "onnx" not in state:
             from lineside.export.onnx_export import export_onnx
 
-            state["onnx"] = export_onnx(ckpt, workdir / "onnx", input_size, parity_images=0).path
+            state["onnx"] = export_onnx(ckpt, workdir / "onnx", input_size, parity_images=0, **trust).path
         return state["onnx"]
 
     def ort_int8():
@@ -85,7 +86,8 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32
     def aoti():
         from lineside.export.aoti import export_aoti
 
-        res = export_aoti(ckpt, workdir / f"aoti_{device.split(':')[0]}", input_size, batch_sizes=(1, 8, batch), device=device, parity_images=0)
+        res = export_aoti(ckpt, workdir / f"aoti_{device.split(':')[0]}", input_size, batch_sizes=(1, 8, batch), device=device, parity_images=0,
+                          **trust)
         return load_backend(res.path, device=device)
 
     def tensorrt(precision: str):
@@ -93,26 +95,26 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32
             from lineside.export.tensorrt import export_tensorrt
 
             res = export_tensorrt(ckpt, None, workdir / f"trt_{precision}", precision=precision,
-                                  batch_sizes=(1, 8, batch), input_size=input_size, parity_images=0)
+                                  batch_sizes=(1, 8, batch), input_size=input_size, parity_images=0, **trust)
             return load_backend(res.path, device=device)
 
         return build
 
-    rows: list[tuple[str, Callable]] = [("eager", lambda: TorchBackend(ckpt, device, input_size))]
+    rows: list[tuple[str, Callable]] = [("eager", lambda: TorchBackend(ckpt, device, input_size, **trust))]
     if device == "cpu":
         rows += [
-            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True)),
+            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True, **trust)),
             ("onnxruntime fp32", lambda: load_backend(onnx_path())),
             ("onnxruntime int8", ort_int8),
             ("aoti", aoti),
         ]
     else:
         rows += [
-            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True)),
-            ("cuda graphs (torch.compile reduce-overhead)", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead")),
-            ("eager fp16", lambda: TorchBackend(ckpt, device, input_size, dtype="float16")),
-            ("eager bf16", lambda: TorchBackend(ckpt, device, input_size, dtype="bfloat16")),
-            ("cuda graphs fp16", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead", dtype="float16")),
+            ("torch.compile", lambda: TorchBackend(ckpt, device, input_size, compile=True, **trust)),
+            ("cuda graphs (torch.compile reduce-overhead)", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead", **trust)),
+            ("eager fp16", lambda: TorchBackend(ckpt, device, input_size, dtype="float16", **trust)),
+            ("eager bf16", lambda: TorchBackend(ckpt, device, input_size, dtype="bfloat16", **trust)),
+            ("cuda graphs fp16", lambda: TorchBackend(ckpt, device, input_size, compile="reduce-overhead", dtype="float16", **trust)),
             ("aoti", aoti),
             ("onnxruntime fp32", lambda: load_backend(onnx_path(), device=device)),
             ("tensorrt fp16", tensorrt("fp16")),
@@ -122,20 +124,23 @@ def _builders(ckpt: str, device: str, input_size, workdir: Path, batch: int = 32
 
 
 def run_bench(ckpt: str, device: str = "cpu", input_size=None, batch: int = 32, iters: int = 30, images: int = 64,
-              only: list[str] | None = None, calib: str | None = None) -> tuple[list[BenchRow], dict]:
-    """Bench every backend; returns the rows and a context dict (machine, inputs)."""
-    from lineside.export.backends import TorchBackend
+              only: list[str] | None = None, calib: str | None = None, trust_checkpoint: bool = False) -> tuple[list[BenchRow], dict]:
+    """Bench every backend; returns the rows and a context dict (machine, inputs).
+
+    ``trust_checkpoint``: a checkpoint that a weights-only load refuses is loaded as a full pickle
+    (``--trust-checkpoint``; only for a file from a trusted source)."""
+    from lineside.runtime.torch_backend import TorchBackend
     from lineside.export.calibration import real_images
     from lineside.export.parity import TOLERANCES, check_parity
 
-    eager = TorchBackend(ckpt, device, input_size)
+    eager = TorchBackend(ckpt, device, input_size, trust_checkpoint=trust_checkpoint)
     frames, _ = real_images(calib, eager.input_size, eager.channels, max(images, batch), split="test")
     if len(frames) < batch:
         frames = np.concatenate([frames] * (batch // len(frames) + 1))
     frames_b = frames[:batch]
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, build in _builders(ckpt, device, eager.input_size if input_size else None, Path(tmp), batch):
+        for name, build in _builders(ckpt, device, eager.input_size if input_size else None, Path(tmp), batch, trust_checkpoint):
             if only and not any(o in name for o in only):
                 continue
             row = BenchRow(name)
@@ -200,25 +205,3 @@ def format_table(rows: list[BenchRow], ctx: dict) -> str:
     lines += [_fmt_row(r, rows[0]) for r in rows]
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lineside bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--input-size", default=None, help="HxW of the frames (default: the training size)")
-    ap.add_argument("--batch", type=int, default=32, help="batch for the throughput column")
-    ap.add_argument("--iters", type=int, default=30, help="batch-1 calls for the latency percentiles (at least)")
-    ap.add_argument("--images", type=int, default=64, help="real frames for the parity column")
-    ap.add_argument("--only", default=None, help="comma-separated substrings of backend names to run (eager always runs)")
-    ap.add_argument("--calib", default=None, help="your own images instead of the ELPV test blocks")
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    only = [s.strip() for s in a.only.split(",")] if a.only else None
-    if only:
-        only.append("eager")
-    rows, ctx = run_bench(a.ckpt, a.device, a.input_size, a.batch, a.iters, a.images, only, a.calib)
-    print(format_table(rows, ctx))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"context": ctx, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    return 0 if rows and not rows[0].error else 1

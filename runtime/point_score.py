@@ -4,7 +4,7 @@
     lineside score --model export/grasp/model.onnx --input "line3/*.ply" --output grasps.parquet
     lineside score --model export/grasp/ --input depth/ --intrinsics camera.json --output grasps.csv
 
-:func:`lineside.export.score.score` hands a model that takes ``points`` here. Inputs are
+:func:`lineside.runtime.score.score` hands a model that takes ``points`` here. Inputs are
 ``.ply``/``.pcd``/``.xyz``/``.npy`` clouds in metres, or depth images (16-bit PNG in mm, float32
 TIFF/``.npy`` in m) with pinhole intrinsics (``--intrinsics JSON``, else ``<stem>.json`` or
 ``intrinsics.json`` beside the image); a folder's ``.json`` files are intrinsics, not inputs. Each
@@ -35,9 +35,10 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from lineside.export.backends import Backend
-from lineside.export.point_inputs import PointPreprocessing, grasps_from_outputs, is_cloud_input, stack_inputs
-from lineside.export.score import ScoreSummary, _RowWriter, open_journal
+from lineside.runtime.backend import Backend
+from lineside.export.point_inputs import PointPreprocessing, is_cloud_input, stack_inputs
+from lineside.runtime.records import RecordBuilder
+from lineside.runtime.results import ScoreSummary, finalise_parquet, open_journal
 from lineside.vision.io import InputError, collect_inputs
 
 __all__ = ["COLUMNS", "draw_grasp_overlay", "gripper_outline", "score_points"]
@@ -108,20 +109,6 @@ def _overlay_target(path: str, out_dir: Path, root: str) -> Path:
     return target.with_name(target.name + ".png")  # part.ply → part.ply.png: a .ply and a .npy of one stem stay apart
 
 
-def _finalise_parquet(journal: _RowWriter, output: Path, previous: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = previous + journal.read_rows()
-    table = {c: [r.get(c, "") for r in rows] for c in COLUMNS}
-    for c, cast in (("points", int), ("num_grasps", int), ("best_score", float)):
-        table[c] = [cast(v) if v not in ("", None) else None for v in table[c]]
-    tmp = output.with_name(output.name + ".tmp")
-    pq.write_table(pa.table(table), tmp)
-    os.replace(tmp, output)
-    journal.path.unlink(missing_ok=True)
-
-
 def score_points(
     runner: Backend,
     inputs: str | Iterable[str],
@@ -141,6 +128,7 @@ def score_points(
     if output.suffix.lower() not in (".csv", ".parquet"):
         raise InputError(f"{output}: output must end in .csv or .parquet")
     prep = PointPreprocessing.from_metadata(runner.metadata)
+    records = RecordBuilder(runner)
     k = None
     if intrinsics is not None:
         from lineside.pointcloud.io import read_intrinsics
@@ -197,7 +185,7 @@ def score_points(
                     rows.append({c: "" for c in COLUMNS} | {"path": path, "error": item})
                     errors += 1
                     continue
-                grasps = grasps_from_outputs(out, where[i]) or []
+                grasps = records.record(out, int(where[i])).get("grasps") or []
                 n_real = int(item["point_mask"].sum())
                 rows.append({"path": path, "points": n_real, "num_grasps": len(grasps),
                              "best_score": f"{grasps[0]['score']:.6f}" if grasps else "",
@@ -218,5 +206,5 @@ def score_points(
         if pool is not None:
             pool.shutdown()
     if parquet:
-        _finalise_parquet(writer, output, previous)
+        finalise_parquet(writer, output, previous, {"points": int, "num_grasps": int, "best_score": float})
     return ScoreSummary(len(paths), len(paths) - len(todo), scored, errors, time.perf_counter() - start, str(output), runner.describe())

@@ -3,13 +3,15 @@
     lineside fit --config configs/quickstart.yaml            # Lightning CLI: fit | validate | test | predict
     lineside crossval --config configs/el_grading_cv.yaml --folds 5 --out runs/el_grading_cv
     lineside score --model best.ckpt --input cells/ --output results.csv
-    lineside export onnx --ckpt best.ckpt --out export/       # onnx | tensorrt | int8 | aoti | triton
+    lineside export onnx --model best.ckpt --out export/      # onnx | tensorrt | int8 | aoti | triton
     lineside station --model export/model.onnx --source /camera/drop --out results.jsonl
-    lineside bench --ckpt best.ckpt
+    lineside bench --model best.ckpt
     lineside elpv manifest --split test --out elpv_test.csv   # built-in EL data helpers
     lineside patch-memory fit --input good/ --out memory.pt   # good-only anomaly scores
 
-Each subcommand's ``--help`` lists its options. Subcommand modules are imported lazily, so
+Each subcommand's ``--help`` lists its options. The shared flags have one name everywhere
+(:mod:`lineside.cli.common`): ``--model`` (alias ``--ckpt``), ``--out`` (alias ``--output``),
+``--device``, ``--batch-size``. Subcommand modules are imported lazily, so
 ``lineside station`` on a GPU station never imports Lightning or the training code.
 """
 
@@ -26,25 +28,25 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-_TRAIN = ("fit", "validate", "test", "predict")
+_TRAIN = ("fit", "validate", "test", "predict")  # lineside.cli.train.SUBCOMMANDS, without importing it
 
 # subcommand → ("module:function", one-line help). The function takes argv (list[str]) and
 # returns an exit code (or None for 0).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "crossval": ("lineside.fusion.crossval:main", "cross-validated ensemble with out-of-fold decision offsets"),
-    "score": ("lineside.export.score:main", "batch offline scoring of a folder / glob / manifest → CSV or Parquet"),
-    "station": ("lineside.export.station:main", "line-side station loop: folder watch, video, stream or camera → JSONL"),
-    "bench": ("lineside.export.bench:main", "format benchmark: parity, latency and throughput of every backend"),
-    "elpv": ("lineside.vision.elpv:main", "built-in ELPV data helpers (manifest of a split)"),
-    "patch-memory": ("lineside.vision.patch_memory:main", "good-only anomaly scores and heatmaps (PatchMemory)"),
+    "crossval": ("lineside.cli.crossval:main", "cross-validated ensemble with out-of-fold decision offsets"),
+    "score": ("lineside.cli.score:main", "batch offline scoring of a folder / glob / manifest → CSV or Parquet"),
+    "station": ("lineside.cli.station:main", "line-side station loop: folder watch, video, stream or camera → JSONL"),
+    "bench": ("lineside.cli.bench:main", "format benchmark: parity, latency and throughput of every backend"),
+    "elpv": ("lineside.cli.elpv:main", "built-in ELPV data helpers (manifest of a split)"),
+    "patch-memory": ("lineside.cli.patch_memory:main", "good-only anomaly scores and heatmaps (PatchMemory)"),
 }
 
 EXPORT_FORMATS: dict[str, tuple[str, str]] = {
-    "onnx": ("lineside.export.onnx_export:main", "ONNX graph (uint8 in, named outputs) + metadata + parity check"),
-    "tensorrt": ("lineside.export.tensorrt:main", "TensorRT / TensorRT-RTX engine (fp32 | fp16 | int8 Q/DQ)"),
-    "int8": ("lineside.export.quantize:main", "INT8 ONNX graphs calibrated on real images (QDQ for TensorRT, QOperator for ORT)"),
-    "aoti": ("lineside.export.aoti:main", "AOTInductor .pt2 package (runs without the training code)"),
-    "triton": ("lineside.export.triton:main", "Triton Inference Server model repository"),
+    "onnx": ("lineside.cli.export:onnx_main", "ONNX graph (uint8 in, named outputs) + metadata + parity check"),
+    "tensorrt": ("lineside.cli.export:tensorrt_main", "TensorRT / TensorRT-RTX engine (fp32 | fp16 | int8 Q/DQ)"),
+    "int8": ("lineside.cli.export:int8_main", "INT8 ONNX graphs calibrated on real images (QDQ for TensorRT, QOperator for ORT)"),
+    "aoti": ("lineside.cli.export:aoti_main", "AOTInductor .pt2 package (runs without the training code)"),
+    "triton": ("lineside.cli.export:triton_main", "Triton Inference Server model repository"),
 }
 
 
@@ -76,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in _TRAIN:
-        from lineside.fusion.training_cli import main as train_main
+        from lineside.cli.train import main as train_main
 
-        train_main([command, *rest])
-        return 0
+        return train_main([command, *rest])
     if command == "export":
         if not rest or rest[0] in ("-h", "--help"):
             print("usage: lineside export <format> [options]\n\nformats:")

@@ -2,7 +2,7 @@
 
     lineside station --model export/model.onnx --source /camera/drop --out results.jsonl
     lineside station --model model.engine --device cuda --source genicam://21345678 --cti /opt/producer.cti --out r.jsonl
-    lineside station --model best.ckpt --source run.avi --out r.jsonl --batch-max 8 --latency-budget-ms 50
+    lineside station --model best.ckpt --source run.avi --out r.jsonl --batch-size 8 --latency-budget-ms 50
     lineside station --model export/ --source "/data/line3/*.png" --out r.jsonl
 
 Sources (:mod:`export.sources`): a folder watch (watchdog when installed, else polling; a file is
@@ -11,7 +11,7 @@ a record in ``--out`` are not processed twice; ``--once`` exits when the folder 
 glob, a video file or RTSP/HTTP stream (OpenCV), a GenICam camera (``genicam://[serial]``,
 optional ``harvesters`` and a GenTL producer ``--cti``).
 
-Micro-batching: frames are gathered until ``--batch-max`` are waiting, or until the oldest has
+Micro-batching: frames are gathered until ``--batch-size`` are waiting, or until the oldest has
 waited ``--latency-budget-ms`` minus the expected time of the batch (measured at start and kept as
 a running average per batch size), then run as one batch through the backend. Decoding runs in
 ``--decoders`` threads beside inference.
@@ -29,6 +29,10 @@ at the end. SIGINT/SIGTERM: the batch in flight and the frames already arrived a
 written, the summary printed, exit 0 (a second signal writes the frames still queued as errors
 and leaves).
 
+Sinks (:mod:`lineside.runtime.sinks`, ``--mqtt`` / ``--opcua`` / ``--webhook``): each batch of records
+also goes to every sink's on-disk spool, and a sender thread per sink delivers it in order, at
+least once, with ``seq`` to de-duplicate on; the station never waits on the network.
+
 Point models (an artefact that takes ``points``): a folder or glob of ``.ply``/``.pcd``/``.xyz``/``.npy``
 clouds in metres (or depth images with ``<stem>.json`` / ``intrinsics.json`` intrinsics beside them),
 each prepared as in training (:mod:`export.point_inputs`); the records carry ``grasps`` (best first,
@@ -37,11 +41,9 @@ each prepared as in training (:mod:`export.point_inputs`); the records carry ``g
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -55,9 +57,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from lineside.export.backends import BACKENDS, Backend, BackendError, load_backend  # noqa: E402
-from lineside.export.detections import BOX_SCORE_THRESHOLD, OutputLayout, box_records  # noqa: E402
-from lineside.export.sources import Frame, FolderSource, Source, SourceError, open_source  # noqa: E402
+from lineside.runtime.backend import Backend  # noqa: E402
+from lineside.runtime.detections import BOX_SCORE_THRESHOLD  # noqa: E402
+from lineside.runtime.records import RecordBuilder  # noqa: E402
+from lineside.runtime.sinks.fanout import RecordFanout  # noqa: E402
+from lineside.runtime.sources import Frame, Source  # noqa: E402
 from lineside.vision.preprocess import frames_to_batch  # noqa: E402
 
 __all__ = [
@@ -69,7 +73,6 @@ __all__ = [
     "Station",
     "StationSummary",
     "recorded_paths",
-    "main",
 ]
 
 DROPPED = "dropped: the station fell behind the live source (queue full)"
@@ -311,68 +314,8 @@ def recorded_paths(path: str | os.PathLike) -> set[str]:
     return done
 
 
-class ResultDecoder:
-    """A backend's named outputs → per-frame record fields, read from its output specs.
-
-    ``grade_probs`` (or the first float (N, K) output with K class names) gives the probabilities
-    per class name and the confidence, ``grade`` (or its argmax) the grade and the decision (its
-    class name). Other small per-frame outputs (at most 64 values) go under ``outputs``.
-    """
-
-    def __init__(self, backend: Backend, box_threshold: float = BOX_SCORE_THRESHOLD) -> None:
-        self.class_names = backend.class_names
-        specs = backend.output_specs
-        names = [s["name"] for s in specs]
-        self.grasps = "grasp_position" in names  # grasp outputs become one "grasps" list per frame
-        if self.grasps:
-            names = [n for n in names if not n.startswith("grasp_")]
-            specs = [s for s in specs if s["name"] in names]
-        self.layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
-        self.box_threshold = box_threshold
-        self.input_size = backend.input_size if self.layout.has_boxes else None
-        if self.layout.names():  # boxes become one "boxes" list per frame; heatmaps stay out of the records
-            names = [n for n in names if n not in self.layout.names()]
-            specs = [s for s in specs if s["name"] in names]
-        self.probs = "grade_probs" if "grade_probs" in names else None
-        if self.probs is None:
-            for s in specs:
-                if s.get("kind") == "float" and len(s.get("shape", [])) == 2 and s["shape"][1] == len(self.class_names):
-                    self.probs = s["name"]
-                    break
-        self.grade = "grade" if "grade" in names else None
-        self.extra = [n for n in names if n not in (self.probs, self.grade)]
-
-    def __call__(self, outputs: dict[str, np.ndarray], n: int, sizes: Sequence[Sequence[int]] | None = None) -> list[dict]:
-        """Records of ``n`` frames; ``sizes``: each frame's own (H, W), to give boxes in its pixels."""
-        rows = []
-        for i in range(n):
-            row: dict[str, Any] = {"decision": None, "grade": None, "confidence": None, "probabilities": None}
-            probs = np.asarray(outputs[self.probs][i], dtype=np.float64) if self.probs else None
-            grade = int(outputs[self.grade][i]) if self.grade else (int(probs.argmax()) if probs is not None else None)
-            if grade is not None:
-                row["grade"] = grade
-                row["decision"] = self.class_names[grade] if 0 <= grade < len(self.class_names) else str(grade)
-            if probs is not None:
-                names = self.class_names if len(self.class_names) == len(probs) else [str(k) for k in range(len(probs))]
-                row["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probs)}
-                row["confidence"] = round(float(probs[grade] if grade is not None and grade < len(probs) else probs.max()), 6)
-            extra = {}
-            for name in self.extra:
-                v = np.asarray(outputs[name][i])
-                if v.size <= 64:
-                    extra[name] = np.round(v.astype(np.float64), 6).tolist() if v.dtype.kind == "f" else v.tolist()
-            if extra:
-                row["outputs"] = extra
-            if self.layout.has_boxes:
-                lay = self.layout
-                row["boxes"] = box_records(outputs[lay.boxes][i], outputs[lay.scores][i], outputs[lay.labels][i], lay.box_class_names,
-                                           self.input_size, sizes[i] if sizes else self.input_size, self.box_threshold)
-            if self.grasps:
-                from lineside.export.point_inputs import grasps_from_outputs
-
-                row["grasps"] = grasps_from_outputs(outputs, i)
-            rows.append(row)
-        return rows
+# records are built by the one builder every command uses (lineside.runtime.records)
+ResultDecoder = RecordBuilder
 
 
 # -------------------------------------------------------------------------------------------
@@ -397,6 +340,8 @@ class Station:
         box_threshold: models with a localization head: boxes scoring at least this go into the records.
         intrinsics: point models: pinhole intrinsics (JSON path or ``CameraIntrinsics``) for depth images
             (default: ``<stem>.json`` / ``intrinsics.json`` beside each image).
+        sinks: spooled sinks (:func:`lineside.runtime.sinks.open_sinks`) that get every batch of records
+            after ``writer``; the station only appends to their spools, and :meth:`run` closes them at the end.
     """
 
     def __init__(
@@ -413,12 +358,15 @@ class Station:
         log: IO[str] | None = None,
         box_threshold: float = BOX_SCORE_THRESHOLD,
         intrinsics: Any = None,
+        sinks: Sequence[Any] = (),
     ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be at least 1, got {batch_max}")
         self.backend = backend
         self.source = source
         self.writer = JsonlWriter(writer) if isinstance(writer, (str, os.PathLike)) else writer
+        if sinks:
+            self.writer = RecordFanout(self.writer, sinks)
         self.batch_max = min(batch_max, backend.max_batch or batch_max)
         self.budget = max(0.0, float(latency_budget_ms)) / 1000.0
         self.report_every = report_every
@@ -428,7 +376,7 @@ class Station:
         self.log = log
         self.timer = BatchTimer()
         self.stats = LatencyStats()
-        self.decode = ResultDecoder(backend, box_threshold)
+        self.decode = RecordBuilder(backend, box_threshold)
         self.points = backend.takes_points
         if self.points:  # clouds (or depth images) → prepared arrays, read by the source's decode threads
             from lineside.export.point_inputs import CLOUD_INPUT_EXTENSIONS, DEPTH_EXTENSIONS, PointPreprocessing
@@ -550,7 +498,7 @@ class Station:
         t = time.perf_counter()
         try:
             outputs = self._infer([f.image for f in frames])
-            sizes = [f.image.shape[:2] for f in frames] if self.decode.layout.has_boxes else None
+            sizes = [f.image.shape[:2] for f in frames] if "boxes" in self.decode.has else None
             rows: list[dict | str] = list(self.decode(outputs, len(frames), sizes))
             return rows, time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - isolate the frame that broke it
@@ -580,10 +528,7 @@ class Station:
                 record |= res | {"latency_ms": round(latency, 3), "error": None}
             else:
                 record |= {"decision": None, "grade": None, "confidence": None, "probabilities": None}
-                if self.decode.grasps:
-                    record["grasps"] = None
-                if self.decode.layout.has_boxes:
-                    record["boxes"] = None
+                record |= {key: None for key in ("boxes", "grasps") if key in self.decode.has}
                 record |= {"latency_ms": round(latency, 3), "error": res if isinstance(res, str) else (f.error or "frame has no image")}
                 errors += 1
                 dropped += f.dropped
@@ -666,129 +611,3 @@ class Station:
             source_error=self.source_error,
         )
 
-
-# -------------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="lineside station",
-        description="Line-side station: frames from a folder, glob, video, stream or GenICam camera through any "
-        "exported model, one JSON line per frame.",
-    )
-    ap.add_argument("--model", required=True, help="artefact: .ckpt, .onnx, .pt2, .engine/.plan, or an export folder")
-    ap.add_argument("--source", required=True, help="DIR (watched), GLOB (quote it), VIDEO file, rtsp://… / http://… stream, or genicam://[serial]")
-    ap.add_argument("--out", required=True, help="results .jsonl (appended; '-' for stdout)")
-    ap.add_argument("--batch-max", type=int, default=16, help="most frames per batch (default 16)")
-    ap.add_argument("--latency-budget-ms", type=float, default=20.0, help="arrival → result budget that bounds batching (default 20)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--backend", default=None, choices=sorted(BACKENDS), help="default: by the artefact's suffix")
-    ap.add_argument("--existing", default="process", choices=["process", "skip"], help="files already in a watched folder (default process)")
-    ap.add_argument("--once", action="store_true", help="folder: exit when drained instead of watching on")
-    ap.add_argument("--report-every", type=float, default=5.0, help="seconds between progress lines on stderr (0: none)")
-    ap.add_argument("--intrinsics", default=None, help="point models: pinhole intrinsics JSON for depth images "
-                    "(default: <stem>.json or intrinsics.json beside each image)")
-    ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
-                    help=f"models with a localization head: boxes scoring at least this go into the records (default {BOX_SCORE_THRESHOLD})")
-    ap.add_argument("--poll-ms", type=float, default=100.0, help="folder: milliseconds between looks (default 100)")
-    ap.add_argument("--settle-ms", type=float, default=250.0, help="folder: a file must stay unchanged this long before it is read (default 250)")
-    ap.add_argument("--no-watchdog", action="store_true", help="folder: poll even when watchdog is installed")
-    ap.add_argument("--cti", default=None, help="genicam: GenTL producer .cti file or folder (default: $GENICAM_GENTL64_PATH)")
-    ap.add_argument("--realtime", action="store_true", help="video file: deliver frames at the file's frame rate, as a camera would")
-    ap.add_argument("--decoders", type=int, default=2, help="threads decoding image files (default 2)")
-    ap.add_argument("--queue-size", type=int, default=None, help="decoded frames that may wait (default 4 x batch-max)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches (the first batches then run without a time estimate)")
-    a = ap.parse_args(argv)
-    if a.batch_max < 1:
-        ap.error("--batch-max must be at least 1")
-    if a.latency_budget_ms < 0 or a.report_every < 0 or a.decoders < 0:
-        ap.error("--latency-budget-ms, --report-every and --decoders must not be negative")
-
-    # signals first: a stop before the loop starts still ends cleanly
-    holder: dict[str, Any] = {"station": None, "signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        st = holder["station"]
-        if st is None:
-            holder["signal"] = name
-        elif st.stopping:
-            st.abort()
-        else:
-            print(f"station: {name}: finishing the batch in flight (again to abort)", file=sys.stderr, flush=True)
-            st.stop(name)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    try:
-        source = None
-        try:  # the source first: a wrong folder, URL or camera set-up fails before the model loads
-            done = recorded_paths(a.out) if a.out != "-" and a.existing == "process" else set()
-            source = open_source(
-                a.source,
-                existing=a.existing,
-                once=a.once,
-                poll=a.poll_ms / 1000,
-                settle=a.settle_ms / 1000,
-                use_watchdog=False if a.no_watchdog else None,
-                done=done,
-                cti=a.cti,
-                pace=a.realtime,
-            )
-            backend = load_backend(a.model, a.backend, a.device)
-            if a.intrinsics:  # a wrong file fails here, with the others
-                from lineside.pointcloud.io import read_intrinsics
-
-                a.intrinsics = read_intrinsics(a.intrinsics)
-        except (BackendError, SourceError, OSError, ValueError, RuntimeError) as exc:
-            if source is not None:
-                source.close()
-            print(f"lineside station: error: {exc}", file=sys.stderr)
-            return 2
-        station = Station(
-            backend,
-            source,
-            a.out,
-            batch_max=a.batch_max,
-            latency_budget_ms=a.latency_budget_ms,
-            report_every=a.report_every,
-            decoders=a.decoders,
-            queue_size=a.queue_size,
-            warmup=not a.no_warmup,
-            box_threshold=a.box_threshold,
-            intrinsics=a.intrinsics,
-        )
-        holder["station"] = station
-        if holder["signal"]:
-            station.stop(holder["signal"])
-        if backend.takes_points:
-            what = f"clouds of {backend.num_points} points → grasps"
-        else:
-            c, (h, w) = backend.channels, backend.input_size
-            what = f"input {c}x{h}x{w}, classes {'/'.join(backend.class_names)}" if backend.class_names else f"input {c}x{h}x{w}"
-            if station.decode.layout.has_boxes:
-                what += f", boxes of {'/'.join(station.decode.layout.box_class_names)} ≥ {a.box_threshold:g}"
-        resumed = f", {len(done)} files already recorded" if done and isinstance(source, FolderSource) else ""
-        print(
-            f"station: {backend.describe()} on {a.device}, {what}; "
-            f"source {source.describe()}{resumed}; batch <= {station.batch_max}, latency budget {a.latency_budget_ms:g} ms → {a.out}",
-            file=sys.stderr,
-            flush=True,
-        )
-        if not a.no_warmup:
-            station.warmup()
-            station.do_warmup = False
-            t1, tn = station.timer.expected(1) * 1000, station.timer.expected(station.batch_max) * 1000
-            print(f"station: warm-up: batch of 1 {t1:.1f} ms, of {station.batch_max} {tn:.1f} ms", file=sys.stderr, flush=True)
-            if a.latency_budget_ms and t1 > a.latency_budget_ms:
-                print(f"station: warning: one frame takes {t1:.1f} ms, over the {a.latency_budget_ms:g} ms budget", file=sys.stderr, flush=True)
-        summary = station.run()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return 1 if summary.source_error else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

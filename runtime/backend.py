@@ -1,4 +1,4 @@
-"""Backends: one small interface over every way to run a deployable model.
+"""Backend: one small interface over every way to run a deployable model.
 
     backend = load_backend("export/model.onnx")          # by suffix: .ckpt .onnx .pt2 .engine/.plan
     out = backend(frames_uint8_nchw)                      # {"grade_probs": (N, K) float32, "grade": (N,) int64}
@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "TorchBackend", "OnnxRuntimeBackend", "BACKENDS", "SUFFIXES", "load_backend", "backend_for"]
+__all__ = ["Backend", "BackendError", "BACKENDS", "SUFFIXES", "load_backend", "backend_for", "check_artefact_sha256"]
 
 
 class BackendError(RuntimeError):
@@ -37,6 +37,7 @@ class Backend:
     """
 
     name = "base"
+    reads_checkpoints = False  # True: loads a pickled checkpoint, and takes ``trust_checkpoint``
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
         self.path = os.fspath(path)
@@ -176,130 +177,12 @@ class Backend:
         pass
 
 
-class TorchBackend(Backend):
-    """Eager PyTorch on the :class:`export.deployable.DeployableModel` of a checkpoint.
-
-    Args:
-        path: a ``train.py`` / ``crossval.py`` checkpoint, or None with ``deployable`` given.
-        device: ``cpu`` or ``cuda[:N]``.
-        input_size: (H, W) of the frames; default the training size.
-        compile: wrap in ``torch.compile`` (first calls compile); a string is the compile mode
-            (``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``).
-        dtype: ``float32``, ``float16`` or ``bfloat16`` autocast on the device.
-        deployable: an already built deployable model (with ``loaded`` for its metadata).
-    """
-
-    name = "torch"
-
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        device: str = "cpu",
-        input_size: Sequence[int] | str | None = None,
-        compile: bool | str = False,
-        dtype: str = "float32",
-        deployable: Any = None,
-        loaded: Any = None,
-        tta_views: int | None = None,
-    ) -> None:
-        import torch
-
-        from lineside.export.checkpoint import load_inspection_model
-        from lineside.export.deployable import build_deployable
-        from lineside.export.metadata import build_metadata
-
-        super().__init__(path or getattr(loaded, "source", "") or "<memory>", device)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError("device cuda was asked for but no CUDA GPU is available; use cpu")
-        if deployable is None:
-            loaded = load_inspection_model(path)
-            deployable = build_deployable(loaded, input_size, tta_views)
-        self.deployable = deployable.to(device).eval()
-        self.metadata = build_metadata(deployable, loaded, "torch")
-        self.autocast = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        self.dtype = dtype
-        mode = compile if isinstance(compile, str) else None
-        self._fn = torch.compile(self.deployable, mode=mode) if compile else self.deployable
-        if compile:
-            self.name = "torch.compile" + (f"({mode})" if mode else "")
-        if self.autocast is not None:
-            self.name += f"-{dtype}"
-
-    def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_named({"image": image})
-
-    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        xs = [torch.from_numpy(inputs[n]).to(self.device, non_blocking=True) for n in self.deployable.input_names]
-        with torch.inference_mode():
-            if self.autocast is not None:
-                with torch.autocast(xs[0].device.type, dtype=self.autocast):
-                    outs = self._fn(*xs)
-            else:
-                outs = self._fn(*xs)
-        return {n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for n, o in zip(self.deployable.output_names, outs)}
-
-
-class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime on an exported ``model.onnx`` (CPU, or CUDA when onnxruntime-gpu is installed).
-
-    Args:
-        path: the ``.onnx`` file (its metadata beside it).
-        device: ``cpu`` or ``cuda[:N]``.
-        threads: intra-op threads (0 = ONNX Runtime's default, all cores).
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        from lineside.export.metadata import read_metadata
-
-        super().__init__(path, device)
-        if not os.path.isfile(self.path):
-            raise BackendError(f"{self.path}: ONNX file not found")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu) ; use --device cpu")
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
-        disabled = []
-        if read_metadata(self.path, required=False).get("precision") == "fp16" and not device.startswith("cuda"):
-            disabled = ["NchwcTransformer"]  # ONNX Runtime 1.32's CPU NCHWc layout pass segfaults on fp16 EfficientNet graphs
-        try:
-            self.session = ort.InferenceSession(self.path, opts, providers=providers, disabled_optimizers=disabled)
-        except Exception as exc:  # noqa: BLE001 - ORT raises many kinds
-            raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
-        self.metadata = read_metadata(self.path)
-        self.precision = self.metadata.get("precision", "fp32")
-        if self.precision != "fp32":
-            self.name = f"onnxruntime-{self.precision}"
-        graph_outputs = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in self.output_names if n not in graph_outputs]
-        if missing:
-            raise BackendError(f"{self.path}: metadata lists outputs {missing} that the graph lacks ({graph_outputs})")
-
-    def _run(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {"image": image})
-        return dict(zip(self.output_names, outs))
-
-    def _run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, inputs)
-        return dict(zip(self.output_names, outs))
-
-
 # backend name → "module:Class"; suffix → backend name
 BACKENDS: dict[str, str] = {
-    "torch": "lineside.export.backends:TorchBackend",
-    "onnxruntime": "lineside.export.backends:OnnxRuntimeBackend",
-    "aoti": "lineside.export.aoti:AotiBackend",
-    "tensorrt": "lineside.export.tensorrt:TensorRTBackend",
+    "torch": "lineside.runtime.torch_backend:TorchBackend",
+    "onnxruntime": "lineside.runtime.onnxruntime_backend:OnnxRuntimeBackend",
+    "aoti": "lineside.runtime.aoti_backend:AotiBackend",
+    "tensorrt": "lineside.runtime.tensorrt_backend:TensorRTBackend",
 }
 SUFFIXES: dict[str, str] = {".ckpt": "torch", ".pt": "torch", ".onnx": "onnxruntime", ".pt2": "aoti", ".engine": "tensorrt", ".plan": "tensorrt"}
 
@@ -318,8 +201,34 @@ def backend_for(path: str | os.PathLike) -> str:
     return name
 
 
-def load_backend(path: str | os.PathLike, backend: str | None = None, device: str = "cpu", **kwargs: Any) -> Backend:
-    """Load ``path`` with ``backend`` (default: by its suffix). Extra kwargs go to the backend class."""
+def check_artefact_sha256(path: str | os.PathLike, metadata: dict) -> None:
+    """Refuse an exported artefact whose bytes are not those its metadata describes.
+
+    ``metadata["artefact_sha256"]`` is written by the exporter beside every artefact; a file edited,
+    truncated or swapped after export (or a metadata.json of another export) fails here, before the
+    file is handed to a runtime. Metadata without a recorded hash (embedded only) is not checked.
+    """
+    want = metadata.get("artefact_sha256")
+    if not want:
+        return
+    from lineside.export.metadata import file_sha256, metadata_path
+
+    got = file_sha256(path)
+    if got != want:
+        raise BackendError(
+            f"{path}: sha256 mismatch: the file's sha256 is {got[:16]}…, its metadata ({metadata_path(path)}) records "
+            f"{want[:16]}… for {metadata.get('artefact') or Path(path).name}; the file changed after export or the two come "
+            "from different exports. Re-export it (lineside export ...), or copy the artefact and its metadata together."
+        )
+
+
+def load_backend(path: str | os.PathLike, backend: str | None = None, device: str = "cpu", trust_checkpoint: bool = False,
+                 **kwargs: Any) -> Backend:
+    """Load ``path`` with ``backend`` (default: by its suffix). Extra kwargs go to the backend class.
+
+    ``trust_checkpoint`` reaches the backends that read pickled checkpoints (``reads_checkpoints``):
+    one that a weights-only load refuses is then loaded as a full pickle (``--trust-checkpoint``).
+    """
     p = Path(path)
     if p.is_dir():
         from lineside.export.metadata import read_metadata
@@ -335,4 +244,6 @@ def load_backend(path: str | os.PathLike, backend: str | None = None, device: st
         klass = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
         raise BackendError(f"backend {name!r} is not available here: {exc}") from exc
+    if klass.reads_checkpoints:
+        kwargs["trust_checkpoint"] = trust_checkpoint
     return klass(p, device=device, **kwargs)

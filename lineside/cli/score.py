@@ -1,0 +1,92 @@
+"""``lineside score``: batch offline scoring of a folder, glob or CSV manifest (:func:`lineside.runtime.score.score`).
+
+    lineside score --model runs/el_grading/checkpoints/best.ckpt --input /data/cells --output results.csv
+    lineside score --model export/quickstart/model.onnx --input "lines/*/cam0/*.png" --output results.parquet --overlays ov/
+
+A CSV manifest with a ``label`` column is also an evaluation set: accuracy, macro-F1, per-grade
+recall, the confusion matrix and AUROC ok-vs-defective are printed and written beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lineside.cli.common import (
+    add_backend_arg,
+    add_batch_size_arg,
+    add_device_arg,
+    add_model_arg,
+    add_out_arg,
+    add_trust_checkpoint_arg,
+)
+from lineside.fusion.ensemble import format_confusion
+from lineside.runtime.detections import BOX_SCORE_THRESHOLD
+from lineside.runtime.score import evaluate_scores, manifest_labels, open_model, score
+from lineside.vision.io import InputError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lineside score", description="Score images with a lineside model; resumable, one row per input.")
+    add_model_arg(ap, help="checkpoint (lineside fit / crossval's ensemble.ckpt) or exported artefact (.onnx, .pt2, .engine, "
+                  "export folder)")
+    ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
+    add_out_arg(ap, help="results .csv or .parquet (resumed if it exists)")
+    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with the heatmap blended in, boxes, grade and confidence)")
+    ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
+                    help=f"models with a localization head: boxes scoring at least this go to the boxes column and overlays (default {BOX_SCORE_THRESHOLD})")
+    ap.add_argument("--heatmaps", default=None, help="folder for one defect-heatmap PNG per image (image size, 0..255 = 0..1); "
+                    "adds a heatmap column with its path")
+    add_batch_size_arg(ap)
+    add_device_arg(ap)
+    ap.add_argument("--num-workers", type=int, default=None, help="decoding threads (default: cores, at most 4; 0 = decode in the main thread)")
+    ap.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8], help="dihedral test-time views (checkpoints; default: as trained)")
+    add_backend_arg(ap)
+    ap.add_argument("--input-size", default=None, help="checkpoints: HxW of the frames the model takes (default: the training size)")
+    ap.add_argument("--text", default=None, help="checkpoints with a text encoder: one prompt for every image (cell type, product …)")
+    ap.add_argument("--intrinsics", default=None, help="point models: pinhole intrinsics JSON for depth-image inputs "
+                    "(default: <stem>.json or intrinsics.json beside each image)")
+    ap.add_argument("--retry-errors", action="store_true", help="on resume, score again the rows that had errors")
+    ap.add_argument("--no-progress", action="store_true")
+    add_trust_checkpoint_arg(ap)
+    return ap
+
+
+def _print_metrics(m: dict) -> None:
+    names = m["class_names"]
+    print(f"labelled {m['n']}: acc {100 * m['acc']:.1f}%  macro-F1 {m['macro_f1']:.3f}  AUROC ok-vs-defective {m['auroc_defective']:.3f}")
+    print("recall: " + "  ".join(f"{n} {100 * r:.1f}%" for n, r in zip(names, m["recall"])))
+    print(format_confusion(names, m["confusion"]))
+    if m["missing_or_failed"]:
+        print(f"({m['missing_or_failed']} labelled inputs failed or were not scored and are left out)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):  # a checkpoint's one-off ONNX export: its summary only
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    labelled = os.path.isfile(a.input) and a.input.lower().endswith(".csv")
+    try:
+        runner = open_model(a.model, a.backend, a.device, a.input_size, a.tta, a.text, trust_checkpoint=a.trust_checkpoint)
+        labelled = labelled and "grade_probs" in runner.output_names  # boxes-only models: no grade metrics
+        if labelled:  # bad labels are reported before any scoring
+            labelled = manifest_labels(Path(a.input), runner.class_names) is not None
+        s = score(runner, a.input, a.out, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress,
+                  box_threshold=a.box_threshold, heatmaps=a.heatmaps, intrinsics=a.intrinsics)
+    except (InputError, RuntimeError, FileNotFoundError, ValueError) as exc:
+        print(f"lineside score: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"scored {s.scored}, errors {s.errors}, skipped (already done) {s.skipped} of {s.total} inputs "
+        f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s, {s.backend}) → {s.output}"
+    )
+    metrics = evaluate_scores(a.out, a.input, runner.class_names) if labelled else None
+    if metrics:
+        _print_metrics(metrics)
+    return 0

@@ -1,0 +1,181 @@
+"""A backend's named outputs → one result record per input, for every command that writes results.
+
+``lineside score`` (images and point clouds) and ``lineside station`` build their records here, so
+a file gets the same fields through every path. The outputs are read from the artefact's metadata
+(its :class:`~lineside.fusion.outputs.TensorSpec` rows), one :class:`RecordField` per task the
+model carries, found by output names and kinds, never by the model's class:
+
+=================  ==========================================  ==============================================
+field              outputs it reads                            record keys
+=================  ==========================================  ==============================================
+:class:`GradeField`  ``grade_probs``, ``grade``                 ``grade``, ``decision``, ``confidence``, ``probabilities``
+:class:`BoxField`    kinds ``box`` / ``box_score`` / ``box_label``  ``boxes``: ``[{"label", "score", "box"}]`` in the input's pixels
+:class:`GraspField`  ``grasp_*``                                ``grasps``: ``[{"position", "approach", "closing", "width", "score"}]``
+:class:`ExtraField`  any other small per-item output (≤ 64 values)  ``outputs``: ``{name: values}``
+=================  ==========================================  ==============================================
+
+Heatmaps and other maps stay out of records (``score`` writes them as PNGs). A new task's outputs
+land under ``outputs`` until it adds a field here (one class, one line in :class:`RecordBuilder`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from lineside.runtime.detections import BOX_SCORE_THRESHOLD, OutputLayout, box_records
+
+__all__ = ["RecordField", "GradeField", "BoxField", "GraspField", "ExtraField", "RecordBuilder", "score_row"]
+
+GRASP_OUTPUTS = ("grasp_position", "grasp_approach", "grasp_closing", "grasp_width", "grasp_score")
+
+
+class RecordField:
+    """Part of a record made from some of the outputs. ``claims`` names the outputs it reads (so
+    :class:`ExtraField` leaves them alone); :meth:`fill` adds its keys to one item's record."""
+
+    claims: tuple[str, ...] = ()
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        raise NotImplementedError
+
+
+class GradeField(RecordField):
+    """``grade_probs`` (or the first float (N, K) output with K class names) and ``grade`` (or its argmax)."""
+
+    def __init__(self, specs: list[dict], class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+        names = [s["name"] for s in specs]
+        self.probs = "grade_probs" if "grade_probs" in names else next(
+            (s["name"] for s in specs if s.get("kind") == "float" and len(s.get("shape", [])) == 2
+             and s["shape"][1] == len(self.class_names) and self.class_names), None)
+        self.grade = "grade" if "grade" in names else None
+        self.claims = tuple(n for n in (self.probs, self.grade) if n)
+
+    @classmethod
+    def of(cls, specs: list[dict], backend: Any) -> "GradeField | None":
+        field = cls(specs, backend.class_names)
+        return field if field.claims else None
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        probs = np.asarray(outputs[self.probs][j], dtype=np.float64) if self.probs else None
+        grade = int(outputs[self.grade][j]) if self.grade else int(probs.argmax())
+        record["grade"] = grade
+        record["decision"] = self.class_names[grade] if 0 <= grade < len(self.class_names) else str(grade)
+        if probs is not None:
+            names = self.class_names if len(self.class_names) == len(probs) else [str(k) for k in range(len(probs))]
+            record["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probs)}
+            record["confidence"] = round(float(probs[grade] if grade < len(probs) else probs.max()), 6)
+
+
+class BoxField(RecordField):
+    """Decoded boxes above ``threshold``, mapped from the model's input pixels to the item's own size."""
+
+    def __init__(self, layout: OutputLayout, input_size: tuple[int, int], threshold: float) -> None:
+        self.layout, self.input_size, self.threshold = layout, input_size, threshold
+        self.claims = tuple(n for n in (layout.boxes, layout.scores, layout.labels) if n)
+
+    @classmethod
+    def of(cls, specs: list[dict], backend: Any, threshold: float) -> "BoxField | None":
+        layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
+        return cls(layout, backend.input_size, threshold) if layout.has_boxes else None
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        lay = self.layout
+        record["boxes"] = box_records(outputs[lay.boxes][j], outputs[lay.scores][j], outputs[lay.labels][j], lay.box_class_names,
+                                      self.input_size, size or self.input_size, self.threshold)
+
+
+class GraspField(RecordField):
+    """The ranked grasps of a point model (exhausted picks, score 0, left out)."""
+
+    claims = GRASP_OUTPUTS
+
+    @classmethod
+    def of(cls, specs: list[dict], backend: Any) -> "GraspField | None":
+        return cls() if "grasp_position" in {s["name"] for s in specs} else None
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        from lineside.export.point_inputs import grasps_from_outputs
+
+        record["grasps"] = grasps_from_outputs(outputs, j) or []
+
+
+class ExtraField(RecordField):
+    """Every other small per-item output (at most 64 values), under ``outputs``; maps stay out."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        extra = {}
+        for name in self.names:
+            v = np.asarray(outputs[name][j])
+            if v.size <= 64:
+                extra[name] = np.round(v.astype(np.float64), 6).tolist() if v.dtype.kind == "f" else v.tolist()
+        if extra:
+            record["outputs"] = extra
+
+
+class RecordBuilder:
+    """A backend's outputs → records, one :class:`RecordField` per task found in its output specs.
+
+    Args:
+        backend: any :class:`~lineside.runtime.backend.Backend` (its ``output_specs``,
+            ``class_names``, ``metadata`` and ``input_size``).
+        box_threshold: boxes scoring at least this go into the records.
+
+    A record always has ``decision``, ``grade``, ``confidence`` and ``probabilities`` (None for a
+    model without grades), then ``boxes`` / ``grasps`` / ``outputs`` when the model gives them.
+    """
+
+    def __init__(self, backend: Any, box_threshold: float = BOX_SCORE_THRESHOLD) -> None:
+        specs = list(backend.output_specs)
+        fields: list[RecordField] = [f for f in (GraspField.of(specs, backend), BoxField.of(specs, backend, box_threshold)) if f]
+        claimed = {n for f in fields for n in f.claims}
+        layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
+        rest = [s for s in specs if s["name"] not in claimed and s["name"] not in layout.names()]
+        grade = GradeField.of(rest, backend)
+        if grade is not None:
+            fields.insert(0, grade)
+            claimed |= set(grade.claims)
+        self.fields = fields + [ExtraField([s["name"] for s in rest if s["name"] not in claimed])]
+        self.class_names = list(backend.class_names)
+        self.box_threshold = box_threshold
+
+    @property
+    def box_class_names(self) -> list[str]:
+        """The box labels' names (empty for a model without boxes)."""
+        return next((list(f.layout.box_class_names) for f in self.fields if isinstance(f, BoxField)), [])
+
+    @property
+    def has(self) -> set[str]:
+        """Which fields the records carry: ``grade``, ``boxes``, ``grasps``."""
+        kinds = {GradeField: "grade", BoxField: "boxes", GraspField: "grasps"}
+        return {kinds[type(f)] for f in self.fields if type(f) in kinds}
+
+    def record(self, outputs: dict[str, np.ndarray], j: int, size: Sequence[int] | None = None) -> dict[str, Any]:
+        """The record of output row ``j``; ``size``: the item's own (H, W), to give boxes in its pixels."""
+        row: dict[str, Any] = {"decision": None, "grade": None, "confidence": None, "probabilities": None}
+        for field in self.fields:
+            field.fill(row, outputs, j, j, size)
+        return row
+
+    def __call__(self, outputs: dict[str, np.ndarray], n: int, sizes: Sequence[Sequence[int]] | None = None) -> list[dict]:
+        """Records of ``n`` items (output rows 0..n-1)."""
+        return [self.record(outputs, i, sizes[i] if sizes else None) for i in range(n)]
+
+
+def score_row(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    """A record → the columns of a ``lineside score`` results file: ``grade``, ``grade_name``,
+    ``confidence``, ``p_<grade>`` (grading models), ``boxes`` as JSON (localization models)."""
+    row: dict[str, Any] = {}
+    if record.get("grade") is not None:
+        probs = record.get("probabilities") or {}
+        row |= {"grade": record["grade"], "grade_name": record["decision"], "confidence": f"{record['confidence']:.6f}"}
+        row |= {f"p_{n}": f"{probs.get(n, float('nan')):.6f}" for n in class_names}
+    if "boxes" in record:
+        row["boxes"] = json.dumps(record["boxes"], separators=(",", ":"))
+    return row
