@@ -33,6 +33,12 @@ Sinks (:mod:`lineside.runtime.sinks`, ``--mqtt`` / ``--opcua`` / ``--webhook``):
 also goes to every sink's on-disk spool, and a sender thread per sink delivers it in order, at
 least once, with ``seq`` to de-duplicate on; the station never waits on the network.
 
+A/B shadow (``shadow=``, ``--shadow``; :mod:`lineside.runtime.shadow`): a second model runs on the
+same batches; records keep the active model's fields and add ``active``, ``model`` and ``shadow``
+(the other model's decision); with operator labels (``labels=``) both models' accuracy and their
+agreement are counted, and with ``promote_after`` the shadow takes over the line when it leads,
+written as a ``{"event": "promote"}`` record; ``station_status`` records carry the counts.
+
 Point models (an artefact that takes ``points``): a folder or glob of ``.ply``/``.pcd``/``.xyz``/``.npy``
 clouds in metres (or depth images with ``<stem>.json`` / ``intrinsics.json`` intrinsics beside them),
 each prepared as in training (:mod:`export.point_inputs`); the records carry ``grasps`` (best first,
@@ -60,6 +66,7 @@ import numpy as np  # noqa: E402
 from lineside.runtime.backend import Backend  # noqa: E402
 from lineside.runtime.detections import BOX_SCORE_THRESHOLD  # noqa: E402
 from lineside.runtime.records import RecordBuilder  # noqa: E402
+from lineside.runtime.shadow import LabelBook, ShadowTracker, check_shadow_pair  # noqa: E402
 from lineside.runtime.sinks.fanout import RecordFanout  # noqa: E402
 from lineside.runtime.sources import Frame, Source  # noqa: E402
 from lineside.vision.preprocess import frames_to_batch  # noqa: E402
@@ -342,6 +349,13 @@ class Station:
             (default: ``<stem>.json`` / ``intrinsics.json`` beside each image).
         sinks: spooled sinks (:func:`lineside.runtime.sinks.open_sinks`) that get every batch of records
             after ``writer``; the station only appends to their spools, and :meth:`run` closes them at the end.
+        shadow: a second model (B) run on the same frames as ``backend`` (A, active first); records keep
+            the active model's decision and add ``shadow`` and ``active`` (see :mod:`lineside.runtime.shadow`).
+        labels: with ``shadow``: a CSV of ``path,label`` or a folder of them, re-read when it changes.
+        promote_after, margin: with ``shadow``: the shadow becomes active when its accuracy over the last
+            ``promote_after`` labelled frames leads by ``margin`` (a ``promote`` record marks the switch).
+        status_every: with ``shadow``: a ``station_status`` record every this many frames (0: none).
+        model_names: the names of A and B in the records (default: their ``describe()``).
     """
 
     def __init__(
@@ -359,6 +373,12 @@ class Station:
         box_threshold: float = BOX_SCORE_THRESHOLD,
         intrinsics: Any = None,
         sinks: Sequence[Any] = (),
+        shadow: Backend | None = None,
+        labels: str | os.PathLike | None = None,
+        promote_after: int = 0,
+        margin: float = 0.0,
+        status_every: int = 0,
+        model_names: tuple[str, str] | None = None,
     ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be at least 1, got {batch_max}")
@@ -367,7 +387,7 @@ class Station:
         self.writer = JsonlWriter(writer) if isinstance(writer, (str, os.PathLike)) else writer
         if sinks:
             self.writer = RecordFanout(self.writer, sinks)
-        self.batch_max = min(batch_max, backend.max_batch or batch_max)
+        self.batch_max = min(batch_max, backend.max_batch or batch_max, (shadow.max_batch if shadow is not None else 0) or batch_max)
         self.budget = max(0.0, float(latency_budget_ms)) / 1000.0
         self.report_every = report_every
         self.decoders = max(0, int(decoders))
@@ -377,6 +397,19 @@ class Station:
         self.timer = BatchTimer()
         self.stats = LatencyStats()
         self.decode = RecordBuilder(backend, box_threshold)
+        self.shadow_tracker: ShadowTracker | None = None
+        self.labels: LabelBook | None = None
+        self.status_every = max(0, int(status_every))
+        self._status_mark = 0
+        if shadow is not None:
+            check_shadow_pair(backend, shadow)
+            names = model_names or (backend.describe(), shadow.describe())
+            self.roles = {"A": (backend, self.decode), "B": (shadow, RecordBuilder(shadow, box_threshold))}
+            self.shadow_tracker = ShadowTracker({"A": names[0], "B": names[1]}, promote_after, margin)
+            if labels is not None:
+                self.labels = LabelBook(labels, backend.class_names, log)
+        elif labels is not None or promote_after:
+            raise ValueError("labels and promotion compare two models: give a shadow model too")
         self.points = backend.takes_points
         if self.points:  # clouds (or depth images) → prepared arrays, read by the source's decode threads
             from lineside.export.point_inputs import CLOUD_INPUT_EXTENSIONS, DEPTH_EXTENSIONS, PointPreprocessing
@@ -426,22 +459,26 @@ class Station:
         else:
             h, w = self.backend.input_size
             blank = np.zeros((h, w, self.backend.channels), dtype=np.uint8)
+        backends = [b for b, _ in self.roles.values()] if self.shadow_tracker else [self.backend]
         for n in sizes:
             frames = [blank] * n
-            self._infer(frames)  # first call: allocation, compilation, autotuning
+            for b in backends:
+                self._infer(frames, b)  # first call: allocation, compilation, autotuning
             times = []
             for _ in range(2):
                 t = time.perf_counter()
-                self._infer(frames)
+                for b in backends:  # the shadow runs in the same batch: its time counts too
+                    self._infer(frames, b)
                 times.append(time.perf_counter() - t)
             self.timer.update(n, min(times))
 
-    def _infer(self, images: list) -> dict[str, np.ndarray]:
+    def _infer(self, images: list, backend: Backend | None = None) -> dict[str, np.ndarray]:
+        backend = backend or self.backend
         if self.points:
             from lineside.export.point_inputs import stack_inputs
 
-            return self.backend(stack_inputs(images))
-        return self.backend(frames_to_batch(images, self.backend.input_size))
+            return backend(stack_inputs(images))
+        return backend(frames_to_batch(images, backend.input_size))
 
     # -- producing ---------------------------------------------------------------------------
     def _decode_put(self, frame: Frame, gate: threading.Semaphore) -> None:
@@ -493,28 +530,35 @@ class Station:
                 batch.append(frame)
         return batch
 
-    def _run_good(self, frames: list[Frame]) -> tuple[list[dict | str], float | None]:
+    def _run_good(self, frames: list[Frame], role: str | None = None) -> tuple[list[dict | str], float | None]:
         """Results (a row dict, or an error message) for decoded frames; the batch time when run as one."""
+        backend, decode = self.roles[role] if role else (self.backend, self.decode)
         t = time.perf_counter()
         try:
-            outputs = self._infer([f.image for f in frames])
-            sizes = [f.image.shape[:2] for f in frames] if "boxes" in self.decode.has else None
-            rows: list[dict | str] = list(self.decode(outputs, len(frames), sizes))
+            outputs = self._infer([f.image for f in frames], backend)
+            sizes = [f.image.shape[:2] for f in frames] if "boxes" in decode.has else None
+            rows: list[dict | str] = list(decode(outputs, len(frames), sizes))
             return rows, time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - isolate the frame that broke it
             if len(frames) == 1:
                 return [f"inference failed: {type(exc).__name__}: {str(exc)[:500]}"], None
         rows = []
         for f in frames:
-            rows.extend(self._run_good([f])[0])
+            rows.extend(self._run_good([f], role)[0])
         return rows, None
 
     def _process(self, batch: list[Frame]) -> None:
         batch = sorted(batch, key=lambda f: (f.source, f.index))  # decode threads may finish out of order
         good = [f for f in batch if f.image is not None and f.error is None]
         results: dict[int, dict | str] = {}
+        shadow_results: dict[int, dict | str] = {}
+        tracker = self.shadow_tracker
         if good:
             rows, seconds = self._run_good(good)
+            if tracker is not None:  # the same frames through the shadow; its failure never touches the line
+                shadow_rows, shadow_seconds = self._run_good(good, tracker.shadow)
+                shadow_results = {id(f): r for f, r in zip(good, shadow_rows)}
+                seconds = None if seconds is None or shadow_seconds is None else seconds + shadow_seconds
             if seconds is not None:
                 self.timer.update(len(good), seconds)
             results = {id(f): r for f, r in zip(good, rows)}
@@ -532,11 +576,49 @@ class Station:
                 record |= {"latency_ms": round(latency, 3), "error": res if isinstance(res, str) else (f.error or "frame has no image")}
                 errors += 1
                 dropped += f.dropped
+            if tracker is not None:
+                record |= self._shadow_fields(record, shadow_results.get(id(f)), f.path)
             records.append(record)
             latencies.append(latency)
             f.image = None
         self.writer.write(records)
         self.stats.add(latencies, errors, dropped, len(good))
+        if tracker is not None:
+            self._after_batch(tracker)
+
+    def _shadow_fields(self, record: dict, res: dict | str | None, path: str | None) -> dict:
+        """``active`` and ``shadow`` for one record; both decisions go to the tracker."""
+        tracker = self.shadow_tracker
+        row = res if isinstance(res, dict) else {}
+        shadow = {"model": tracker.models[tracker.shadow], "decision": row.get("decision"), "grade": row.get("grade"),
+                  "confidence": row.get("confidence")}
+        if isinstance(res, str):
+            shadow["error"] = res
+        if record.get("error") is None:
+            tracker.observe(path, {tracker.active: record.get("decision"), tracker.shadow: row.get("decision")})
+        return {"active": tracker.active, "model": tracker.models[tracker.active], "shadow": shadow}
+
+    def _events(self, records: list[dict]) -> None:
+        """Status and switch records go to the results file only, not to the sinks (they carry no decision)."""
+        getattr(self.writer, "primary", self.writer).write(records)
+
+    def _after_batch(self, tracker: ShadowTracker) -> None:
+        """New labels, a switch when the shadow leads, a status record every ``status_every`` graded frames."""
+        events = []
+        if self.labels is not None:
+            tracker.add_labels(self.labels.poll())
+        promoted = tracker.maybe_promote()
+        if promoted is not None:  # from the next batch on, the new active model's decisions go to the line
+            self.backend, self.decode = self.roles[tracker.active]
+            events += [promoted, tracker.status()]
+            self._say(f"station: promoted {tracker.active} ({promoted['model']}): accuracy {promoted['accuracy'][tracker.active]:.3f} "
+                      f"vs {promoted['accuracy'][tracker.shadow]:.3f} over the last {promoted['window']} labelled frames")
+        elif self.status_every and tracker.frames // self.status_every > self._status_mark:
+            events.append(tracker.status())
+        if self.status_every:
+            self._status_mark = tracker.frames // self.status_every
+        if events:
+            self._events(events)
 
     def _flush_queued_as_errors(self) -> None:
         left = []
@@ -554,7 +636,7 @@ class Station:
         self.stats = LatencyStats()
         producer = threading.Thread(target=self._produce, name="station-source", daemon=True)
         producer.start()
-        last_report = time.perf_counter()
+        last_report = last_idle_poll = time.perf_counter()
         try:
             while True:
                 if self._abort:
@@ -567,6 +649,9 @@ class Station:
                 elif self.queue.finished:
                     break
                 now = time.perf_counter()
+                if not batch and self.shadow_tracker is not None and now - last_idle_poll >= 0.2:
+                    last_idle_poll = now  # late labels while no frames come
+                    self._after_batch(self.shadow_tracker)
                 if self.stopping:
                     if self._stop_time is None:
                         self._stop_time = now
@@ -575,18 +660,24 @@ class Station:
                         break
                 if self.report_every and now - last_report >= self.report_every:
                     last_report = now
-                    self._say(self.stats.report())
+                    self._say(self.stats.report() + (self.shadow_tracker.line() if self.shadow_tracker else ""))
         finally:
             self._stop.set()
             self.queue.close()
             producer.join(timeout=2.0)
             if not producer.is_alive():  # else it is stuck in a blocking read: closing under it could crash the capture library
                 self.source.close()
+            if self.shadow_tracker is not None:  # the last labels, then where both models stand
+                try:
+                    self._after_batch(self.shadow_tracker)
+                    self._events([self.shadow_tracker.status()])
+                except Exception as exc:  # noqa: BLE001 - the summary and closing come first
+                    self._say(f"station: final status not written: {type(exc).__name__}: {exc}")
             close = getattr(self.writer, "close", None)
             if close is not None:
                 close()
         summary = self.summary()
-        self._say(summary.line())
+        self._say(summary.line() + (self.shadow_tracker.line() if self.shadow_tracker else ""))
         return summary
 
     def summary(self) -> StationSummary:

@@ -5,6 +5,8 @@
     lineside station --model best.ckpt --source run.avi --out r.jsonl --batch-size 8 --latency-budget-ms 50
     lineside station --model model.onnx --source /camera/drop --out r.jsonl --mqtt mqtt://broker/line3/results \
         --opcua opc.tcp://plc:4840 --opcua-node "ns=2;s=Line3.Decision" --webhook http://mes/api/inspections
+    lineside station --model v3.onnx --shadow v4.onnx --source /camera/drop --out r.jsonl \
+        --labels /line3/labels/ --promote-after 200 --margin 0.05
 
 SIGINT/SIGTERM: the batch in flight and the frames already arrived are finished and written, the
 summary printed, exit 0 (a second signal writes the frames still queued as errors and leaves).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +33,7 @@ from lineside.cli.common import (
 )
 from lineside.runtime.backend import BackendError
 from lineside.runtime.open_model import open_model
+from lineside.runtime.shadow import check_shadow_pair
 from lineside.runtime.detections import BOX_SCORE_THRESHOLD
 from lineside.runtime.sinks import check_sink_args, default_spool_dir, open_sinks
 from lineside.runtime.sources import FolderSource, SourceError, open_source
@@ -67,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--queue-size", type=int, default=None, help="decoded frames that may wait (default 4 x batch size)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches (the first batches then run without a time estimate)")
     add_trust_checkpoint_arg(ap)
+    ab = ap.add_argument_group("A/B shadow", "a second model on every frame beside --model; only the active model's decision goes to the line")
+    ab.add_argument("--shadow", default=None, metavar="MODEL", help="the shadow model (B), opened as --model is; it must take the same inputs and classes")
+    ab.add_argument("--labels", default=None, metavar="FILE_OR_DIR",
+                    help="operator labels: a CSV of path,label (class name or index) or a folder of them, re-read when they change")
+    ab.add_argument("--promote-after", type=int, default=0, metavar="N",
+                    help="switch: the shadow becomes active when it leads over the last N labelled frames (0: never; default 0)")
+    ab.add_argument("--margin", type=float, default=0.0, metavar="M", help="the accuracy lead (0-1) the shadow needs to be promoted (default 0: any lead)")
+    ab.add_argument("--status-every", type=int, default=500, metavar="N",
+                    help="a station_status record (accuracy, agreement) every N frames (0: only at switches and the end; default 500)")
     sinks = ap.add_argument_group("sinks", "records to the line as well, each sink behind its own on-disk spool: sent in order, "
                                   "at least once (de-duplicate on the record's seq), queued on disk while the far end is down")
     sinks.add_argument("--mqtt", action="append", default=[], metavar="URL",
@@ -89,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch-size must be at least 1")
     if a.latency_budget_ms < 0 or a.report_every < 0 or a.decoders < 0:
         ap.error("--latency-budget-ms, --report-every and --decoders must not be negative")
+    if (a.labels or a.promote_after) and not a.shadow:
+        ap.error("--labels and --promote-after compare two models: give --shadow too")
+    if a.promote_after < 0 or not 0 <= a.margin <= 1 or a.status_every < 0:
+        ap.error("--promote-after and --status-every must not be negative, --margin is between 0 and 1")
 
     # signals first: a stop before the loop starts still ends cleanly
     holder: dict[str, Any] = {"station": None, "signal": None}
@@ -124,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 pace=a.realtime,
             )
             backend = open_model(a.model, a.backend, a.device, trust_checkpoint=a.trust_checkpoint)
+            shadow = open_model(a.shadow, a.backend, a.device, trust_checkpoint=a.trust_checkpoint) if a.shadow else None
+            if shadow is not None:  # a mismatch fails here, before the sinks connect
+                check_shadow_pair(backend, shadow)
+                if a.labels and not os.path.exists(a.labels):
+                    raise ValueError(f"--labels {a.labels}: no such file or folder")
             if a.intrinsics:  # a wrong file fails here, with the others
                 from lineside.pointcloud.io import read_intrinsics
 
@@ -150,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             box_threshold=a.box_threshold,
             intrinsics=a.intrinsics,
             sinks=sinks,
+            shadow=shadow,
+            labels=a.labels,
+            promote_after=a.promote_after,
+            margin=a.margin,
+            status_every=a.status_every,
+            model_names=(a.model, a.shadow) if shadow is not None else None,
         )
         holder["station"] = station
         if holder["signal"]:
@@ -165,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"station: {backend.describe()} on {a.device}, {what}; "
             f"source {source.describe()}{resumed}; batch <= {station.batch_max}, latency budget {a.latency_budget_ms:g} ms → {a.out}"
-            + "".join(f", {s.name}" for s in sinks),
+            + "".join(f", {s.name}" for s in sinks)
+            + (f"; shadow {shadow.describe()}" + (f", labels {a.labels}" if a.labels else "")
+               + (f", promote after {a.promote_after} labels by {a.margin:g}" if a.promote_after else "") if shadow is not None else ""),
             file=sys.stderr,
             flush=True,
         )
