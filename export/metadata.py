@@ -1,7 +1,8 @@
 """``metadata.json`` beside every exported artefact: what it is, what it takes and gives, where it came from.
 
 Keys: ``format``, ``artefact``, ``artefact_sha256``, ``model_sha256`` (the source checkpoint),
-``class_names``, ``inputs`` / ``outputs`` (name, dtype, shape with ``"N"`` for the dynamic batch,
+``class_names``, ``masks`` (per ``defect_masks`` output of a segmentation task: its foreground
+``class_names``, ``structure_classes`` and ``stride`` in training-size pixels), ``inputs`` / ``outputs`` (name, dtype, shape with ``"N"`` for the dynamic batch,
 kind), ``dynamic_axes``, ``batch_sizes``, ``preprocessing`` (input size, training size, resize,
 normalisation constants, test-time views), ``training_config``, ``versions`` (lineside, torch,
 onnx, onnxruntime …) and format-specific entries (``opset``, ``precision``, ``tensorrt`` …).
@@ -65,6 +66,7 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         "task": "+".join(getattr(loaded, "tasks", None) or ["grading"]),
         "class_names": list(deployable.class_names),
         "box_class_names": list(getattr(loaded, "box_class_names", None) or []),
+        "masks": _mask_outputs(deployable),
         "inputs": inputs,
         "outputs": outputs,
         "dynamic_axes": {s["name"]: {"0": "N"} for s in [*inputs, *outputs]},
@@ -88,6 +90,23 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         meta["points"] = points
     meta.update(extra)
     return meta
+
+
+def _mask_outputs(deployable: Any) -> dict:
+    """``{output name: {"class_names", "structure_classes", "stride"}}`` of each segmentation decoder
+    (its ``defect_masks`` channel k = mask value k + 1; structure classes weigh 0 in the defect heatmap)."""
+    out = {}
+    for decoder in getattr(deployable, "decoders", {}).values():
+        weight = getattr(decoder, "defect_weight", None)
+        if weight is None or not hasattr(decoder, "class_names") or not hasattr(decoder, "stride"):
+            continue
+        w = weight.flatten().tolist()[1:]
+        out["defect_masks" + decoder.suffix] = {
+            "class_names": list(decoder.class_names),
+            "structure_classes": [n for n, v in zip(decoder.class_names, w) if v == 0],
+            "stride": int(decoder.stride),
+        }
+    return out
 
 
 def _points_preprocessing(deployable: Any, loaded: Any) -> dict | None:

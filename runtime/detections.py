@@ -6,6 +6,11 @@ localization head's, trained on masks or boxes) before ``grade_heatmap`` (the gr
 class-activation map, :mod:`fusion.grade_heatmap`). Boxes come out of the model in pixels of the
 frame it was given (its ``input_size``); :func:`box_records` maps them back to the pixels of
 the original image.
+
+A segmentation model's ``defect_masks`` (N, K, h, w) (foreground probabilities at a stride of the
+training size, :mod:`fusion.segmentation_decoder`) are described by :class:`MaskLayout`;
+:func:`class_index_map` turns one frame's masks into a class index per pixel of the original
+image (0 background), which ``score --masks`` saves and :func:`colour_classes` paints on overlays.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lineside.fusion.box_decoder import BOX_SCORE_THRESHOLD
 
-__all__ = ["BOX_SCORE_THRESHOLD", "OutputLayout", "box_records", "heatmap_to_image", "blend_heatmap", "draw_boxes"]
+__all__ = ["BOX_SCORE_THRESHOLD", "OutputLayout", "MaskLayout", "box_records", "class_index_map", "colour_classes",
+           "heatmap_to_image", "blend_heatmap", "draw_boxes"]
 
 HEATMAP_NAMES = ("defect_heatmap", "grade_heatmap")  # preference order
 
@@ -55,6 +61,90 @@ class OutputLayout:
     def names(self) -> set[str]:
         """The output names this layout covers (left out of generic per-frame output lists)."""
         return {n for n in (self.boxes, self.scores, self.labels, *HEATMAP_NAMES) if n}
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """A backend's ``defect_masks`` output: its name, the K foreground class names (channel k = class
+    index k + 1), the structure classes (segmented, not defects: ``busbar``), the stride in pixels
+    of the training size and that size (H, W). Frames of any size are resized to the training size
+    inside the graph, so a cell covers ``stride · original / train_size`` original pixels."""
+
+    name: str
+    class_names: tuple
+    structure_classes: tuple
+    stride: float
+    train_size: tuple
+
+    @classmethod
+    def of(cls, specs: Sequence[dict], metadata: dict) -> "MaskLayout | None":
+        """The first ``defect_masks*`` output of ``specs``; None for a model without one. Class names and
+        stride come from ``metadata["masks"]``; older exports: names from the output's description
+        (``channels a, b, …``), stride = training size / map size."""
+        spec = next((s for s in specs if s["name"].startswith("defect_masks")), None)
+        if spec is None:
+            return None
+        k, h = int(spec["shape"][1]), int(spec["shape"][2])
+        prep = metadata.get("preprocessing") or {}
+        train = tuple(int(v) for v in (prep.get("train_size") or prep.get("input_size") or (h, spec["shape"][3])))
+        info = (metadata.get("masks") or {}).get(spec["name"]) or {}
+        names = list(info.get("class_names") or [])
+        if len(names) != k:
+            described = str(spec.get("description", "")).rpartition("channels ")[2]
+            names = [n.strip() for n in described.split(",")] if described else []
+            names = names if len(names) == k and all(names) else [f"class{i + 1}" for i in range(k)]
+        structure = tuple(info.get("structure_classes", ("busbar",)))
+        stride = float(info.get("stride") or train[0] / h)
+        return cls(spec["name"], tuple(names), tuple(n for n in structure if n in names), stride, train)
+
+    @property
+    def index_names(self) -> dict[int, str]:
+        """Class index → name, 0 background (the values of :func:`class_index_map`)."""
+        return {0: "background", **{k + 1: n for k, n in enumerate(self.class_names)}}
+
+    def scale(self, image_size: Sequence[int]) -> tuple[float, float]:
+        """(sy, sx): original-image pixels per training-size pixel."""
+        return float(image_size[0]) / self.train_size[0], float(image_size[1]) / self.train_size[1]
+
+
+def class_index_map(masks: np.ndarray, layout: MaskLayout, image_size: Sequence[int]) -> np.ndarray:
+    """One frame's ``defect_masks`` (K, h, w) → (H, W) uint8 class index per pixel of the original image.
+
+    The index is the argmax over background (1 − Σ foreground) and the K classes, 0 background,
+    k = class ``layout.class_names[k - 1]``; each pixel takes its cell's value (nearest neighbour:
+    pixel centre → training-size pixel → cell)."""
+    fg = np.asarray(masks, np.float32)
+    probs = np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], 0)
+    cells = probs.argmax(0).astype(np.uint8)
+    h0, w0 = int(image_size[0]), int(image_size[1])
+    sy, sx = layout.scale((h0, w0))
+    rows = np.clip(((np.arange(h0) + 0.5) / sy / layout.stride).astype(np.int64), 0, cells.shape[0] - 1)
+    cols = np.clip(((np.arange(w0) + 0.5) / sx / layout.stride).astype(np.int64), 0, cells.shape[1] - 1)
+    return cells[rows[:, None], cols[None, :]]
+
+
+# class colours on overlays; cracks in red, apart from the red→yellow heatmap and the box colours
+_CLASS_COLOURS = {"crack": (255, 0, 60), "crossing": (255, 0, 255), "dark_area": (40, 90, 255)}
+_OTHER_CLASS_COLOURS = [(0, 230, 160), (255, 150, 0), (150, 60, 255)]
+
+
+def colour_classes(image: Image.Image, index_map: np.ndarray, layout: MaskLayout, strength: float = 0.65) -> Image.Image:
+    """``image`` with the defect classes of ``index_map`` (:func:`class_index_map`) painted in their
+    colours at opacity ``strength`` (crack red, crossing magenta, dark area blue); background and
+    structure classes stay clear. The map is resized (nearest) to the image if their sizes differ."""
+    idx = Image.fromarray(np.asarray(index_map, np.uint8))
+    if idx.size != image.size:
+        idx = idx.resize(image.size, Image.NEAREST)
+    idx = np.asarray(idx)
+    base = np.asarray(image.convert("RGB"), np.float32)
+    others = iter(_OTHER_CLASS_COLOURS * 4)
+    for k, name in enumerate(layout.class_names, start=1):
+        colour = _CLASS_COLOURS.get(name) or next(others)
+        hit = idx == k
+        if name in layout.structure_classes or not hit.any():
+            continue
+        base[hit] = base[hit] * (1 - strength) + np.asarray(colour, np.float32) * strength
+    return Image.fromarray(base.round().astype(np.uint8))
 
 
 def box_records(

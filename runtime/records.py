@@ -10,11 +10,13 @@ field              outputs it reads                            record keys
 =================  ==========================================  ==============================================
 :class:`GradeField`  ``grade_probs``, ``grade``                 ``grade``, ``decision``, ``confidence``, ``probabilities``
 :class:`BoxField`    kinds ``box`` / ``box_score`` / ``box_label``  ``boxes``: ``[{"label", "score", "box"}]`` in the input's pixels
+:class:`SegmentationField`  ``defect_masks``                    ``boxes`` (as above): one per connected region of a defect class
 :class:`GraspField`  ``grasp_*``                                ``grasps``: ``[{"position", "approach", "closing", "width", "score"}]``
 :class:`ExtraField`  any other small per-item output (≤ 64 values)  ``outputs``: ``{name: values}``
 =================  ==========================================  ==============================================
 
-Heatmaps and other maps stay out of records (``score`` writes them as PNGs). A new task's outputs
+A segmentation model's regions join the ``boxes`` of a localization head when a model has both.
+Heatmaps, masks and other maps stay out of records (``score`` writes them as PNGs). A new task's outputs
 land under ``outputs`` until it adds a field here (one class, one line in :class:`RecordBuilder`).
 """
 
@@ -25,9 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lineside.runtime.detections import BOX_SCORE_THRESHOLD, OutputLayout, box_records
+from lineside.runtime.detections import BOX_SCORE_THRESHOLD, MaskLayout, OutputLayout, box_records
+from lineside.vision.segmentation_regions import regions_to_boxes
 
-__all__ = ["RecordField", "GradeField", "BoxField", "GraspField", "ExtraField", "RecordBuilder", "score_row"]
+__all__ = ["RecordField", "GradeField", "BoxField", "SegmentationField", "GraspField", "ExtraField", "RecordBuilder", "score_row"]
 
 GRASP_OUTPUTS = ("grasp_position", "grasp_approach", "grasp_closing", "grasp_width", "grasp_score")
 
@@ -88,6 +91,41 @@ class BoxField(RecordField):
                                       self.input_size, size or self.input_size, self.threshold)
 
 
+class SegmentationField(RecordField):
+    """Boxes of the connected regions in ``defect_masks``, in the item's own pixels, under ``boxes``.
+
+    Each 8-connected region of cells whose class probability is at least ``mask_threshold``
+    (:func:`~lineside.vision.segmentation_regions.regions_to_boxes`) becomes ``{"label", "score"
+    (its mean probability), "box": [x1, y1, x2, y2]}``; structure classes (``busbar``) are left out,
+    and so are regions scoring under ``threshold``. Boxes go from cells to training-size pixels
+    (the stride) to the item's pixels (item size / training size), rounded to 0.1 px; they join any
+    localization boxes already in the record, best first."""
+
+    def __init__(self, layout: MaskLayout, threshold: float, mask_threshold: float = 0.5) -> None:
+        self.layout, self.threshold, self.mask_threshold = layout, threshold, mask_threshold
+        self.claims = (layout.name,)
+
+    @classmethod
+    def of(cls, specs: list[dict], backend: Any, threshold: float) -> "SegmentationField | None":
+        layout = MaskLayout.of(specs, backend.metadata)
+        return cls(layout, threshold) if layout is not None else None
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        lay = self.layout
+        h0, w0 = size or lay.train_size
+        sy, sx = lay.scale((h0, w0))
+        regions = regions_to_boxes(outputs[lay.name][j], lay.stride, lay.class_names, self.mask_threshold,
+                                   skip=lay.structure_classes)[0]
+        boxes = []
+        for r in regions:
+            if not r["score"] >= self.threshold:
+                continue
+            x1, y1, x2, y2 = r["box"]
+            box = [min(x1 * sx, w0), min(y1 * sy, h0), min(x2 * sx, w0), min(y2 * sy, h0)]
+            boxes.append({"label": r["label"], "score": round(float(r["score"]), 4), "box": [round(float(v), 1) for v in box]})
+        record["boxes"] = sorted([*record.get("boxes", []), *boxes], key=lambda b: -b["score"])
+
+
 class GraspField(RecordField):
     """The ranked grasps of a point model (exhausted picks, score 0, left out)."""
 
@@ -125,7 +163,7 @@ class RecordBuilder:
     Args:
         backend: any :class:`~lineside.runtime.backend.Backend` (its ``output_specs``,
             ``class_names``, ``metadata`` and ``input_size``).
-        box_threshold: boxes scoring at least this go into the records.
+        box_threshold: boxes (and segmentation regions) scoring at least this go into the records.
 
     A record always has ``decision``, ``grade``, ``confidence`` and ``probabilities`` (None for a
     model without grades), then ``boxes`` / ``grasps`` / ``outputs`` when the model gives them.
@@ -133,7 +171,8 @@ class RecordBuilder:
 
     def __init__(self, backend: Any, box_threshold: float = BOX_SCORE_THRESHOLD) -> None:
         specs = list(backend.output_specs)
-        fields: list[RecordField] = [f for f in (GraspField.of(specs, backend), BoxField.of(specs, backend, box_threshold)) if f]
+        fields: list[RecordField] = [f for f in (GraspField.of(specs, backend), BoxField.of(specs, backend, box_threshold),
+                                                 SegmentationField.of(specs, backend, box_threshold)) if f]
         claimed = {n for f in fields for n in f.claims}
         layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
         rest = [s for s in specs if s["name"] not in claimed and s["name"] not in layout.names()]
@@ -151,9 +190,14 @@ class RecordBuilder:
         return next((list(f.layout.box_class_names) for f in self.fields if isinstance(f, BoxField)), [])
 
     @property
+    def mask_layout(self) -> MaskLayout | None:
+        """The ``defect_masks`` output of a segmentation model (None for other models)."""
+        return next((f.layout for f in self.fields if isinstance(f, SegmentationField)), None)
+
+    @property
     def has(self) -> set[str]:
-        """Which fields the records carry: ``grade``, ``boxes``, ``grasps``."""
-        kinds = {GradeField: "grade", BoxField: "boxes", GraspField: "grasps"}
+        """Which fields the records carry: ``grade``, ``boxes`` (localization or segmentation), ``grasps``."""
+        kinds = {GradeField: "grade", BoxField: "boxes", SegmentationField: "boxes", GraspField: "grasps"}
         return {kinds[type(f)] for f in self.fields if type(f) in kinds}
 
     def record(self, outputs: dict[str, np.ndarray], j: int, size: Sequence[int] | None = None) -> dict[str, Any]:
@@ -170,7 +214,7 @@ class RecordBuilder:
 
 def score_row(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
     """A record → the columns of a ``lineside score`` results file: ``grade``, ``grade_name``,
-    ``confidence``, ``p_<grade>`` (grading models), ``boxes`` as JSON (localization models)."""
+    ``confidence``, ``p_<grade>`` (grading models), ``boxes`` as JSON (localization and segmentation models)."""
     row: dict[str, Any] = {}
     if record.get("grade") is not None:
         probs = record.get("probabilities") or {}

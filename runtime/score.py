@@ -16,13 +16,20 @@ parity-checked on real images) and scores with ONNX Runtime, the fastest CPU bac
 it runs eager torch. ``--backend torch`` keeps eager PyTorch.
 
 One row per input: path, grade, grade_name, confidence, p_<grade> per grade (grading models),
-``boxes`` (models with a localization head), ``heatmap`` (with ``--heatmaps``), error. ``boxes`` is a
+``boxes`` (models with a localization or segmentation head), ``heatmap`` (with ``--heatmaps``), ``mask``
+(with ``--masks``), error. ``boxes`` is a
 JSON list ``[{"label": name, "score": s, "box": [x1, y1, x2, y2]}, …]`` in pixels of the original
 file, best first, the boxes scoring at least ``--box-threshold`` (default 0.3); a localization-only
 model writes no grade columns (path, boxes, error). ``--heatmaps DIR`` saves each image's defect
 heatmap as an 8-bit PNG of the image's size (0..255 = 0..1; the localization head's
 ``defect_heatmap``, else the grading head's ``grade_heatmap``, see :mod:`fusion.grade_heatmap`)
-and the ``heatmap`` column holds its path. Overlays (``--overlays``) blend that heatmap over the
+and the ``heatmap`` column holds its path. A segmentation model (output ``defect_masks``) adds one box per
+connected region of a defect class to ``boxes`` (:class:`runtime.records.SegmentationField`;
+busbars, a structure class, are left out); ``--masks DIR`` saves each image's class index per pixel
+(0 background, nearest neighbour from the stride-4 map) as an 8-bit PNG of the image's size, with
+``DIR/classes.json`` (index → class name), and the ``mask`` column holds its path; its overlays paint
+the defect classes in colour (cracks red) instead of blending the heatmap. Overlays (``--overlays``)
+blend that heatmap over the
 image, draw the boxes with label and score, and frame the image in the grade's colour. Rows are
 appended (and fsync'ed) as each batch finishes, so a crash loses nothing already scored; running
 the same command again resumes and skips finished rows. A corrupt, empty or unsupported file gets
@@ -59,7 +66,7 @@ from tqdm import tqdm  # noqa: E402
 from lineside.runtime.backend import Backend  # noqa: E402
 from lineside.export.checkpoint import LoadedModel  # noqa: E402
 from lineside.runtime.detections import BOX_SCORE_THRESHOLD, OutputLayout, blend_heatmap, draw_boxes  # noqa: E402
-from lineside.runtime.detections import heatmap_to_image  # noqa: E402
+from lineside.runtime.detections import MaskLayout, class_index_map, colour_classes, heatmap_to_image  # noqa: E402
 from lineside.fusion.ensemble import grade_metrics  # noqa: E402
 from lineside.vision.image_dataset import ScoringImageDataset  # noqa: E402
 from lineside.vision.io import InputError, collect_inputs, read_image  # noqa: E402
@@ -93,8 +100,11 @@ def _save_png(image: Image.Image, target: Path) -> None:
 
 
 def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int | None, confidence: float | None, root: str,
-                  boxes: list[dict] | None = None, heat: np.ndarray | None = None, box_class_names: list[str] | None = None) -> None:
-    """The image with the heatmap blended over it, the boxes drawn, framed and captioned in the grade's colour.
+                  boxes: list[dict] | None = None, heat: np.ndarray | None = None, box_class_names: list[str] | None = None,
+                  classes: tuple[np.ndarray, MaskLayout] | None = None) -> None:
+    """The image with the heatmap blended over it (a segmentation model: its defect classes painted in
+    their colours instead, ``classes`` = (class index map, layout)), the boxes drawn, framed and
+    captioned in the grade's colour.
 
     Images under ``_MIN_OVERLAY_SIDE`` px (radiograph patches of 32 px) are enlarged by a whole
     factor (nearest neighbour) first, so the caption and the boxes leave the image readable."""
@@ -103,7 +113,9 @@ def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int |
     if factor > 1:
         image = image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST)
         boxes = [dict(b, box=[v * factor for v in b["box"]]) for b in boxes or []]
-    if heat is not None:
+    if classes is not None:
+        image = colour_classes(image, *classes)
+    elif heat is not None:
         image = blend_heatmap(image, heat)
     if boxes:
         draw_boxes(image, boxes, box_class_names or [])
@@ -128,12 +140,21 @@ def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int |
     _save_png(image, _target(path, out_dir, root))
 
 
-def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, heatmap: bool = False) -> list[str]:
-    """Result columns: path, the grade columns (grading models), boxes, heatmap, error."""
+def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, heatmap: bool = False, mask: bool = False) -> list[str]:
+    """Result columns: path, the grade columns (grading models), boxes, heatmap, mask, error."""
     cols = ["path"]
     if grades:
         cols += ["grade", "grade_name", "confidence", *[f"p_{n}" for n in class_names]]
-    return cols + (["boxes"] if boxes else []) + (["heatmap"] if heatmap else []) + ["error"]
+    return cols + (["boxes"] if boxes else []) + (["heatmap"] if heatmap else []) + (["mask"] if mask else []) + ["error"]
+
+
+def _write_classes(mask_dir: Path, layout: MaskLayout) -> None:
+    """``mask_dir/classes.json``: class index (as text) → class name, ``"0": "background"``."""
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    target = mask_dir / "classes.json"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({str(k): n for k, n in layout.index_names.items()}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
 
 
 def _prefetched_batches(dataset: ScoringImageDataset, batch_size: int, threads: int, ahead: int = 4) -> Iterator[dict]:
@@ -181,13 +202,16 @@ def score(
     heatmaps: str | os.PathLike | None = None,
     intrinsics: str | os.PathLike | None = None,
     trust_checkpoint: bool = False,
+    masks: str | os.PathLike | None = None,
 ) -> ScoreSummary:
     """Score inputs with a model (checkpoint, artefact or backend) and write/resume ``output`` (.csv or .parquet).
 
     ``trust_checkpoint``: a checkpoint that a weights-only load refuses is loaded as a full pickle (see :func:`open_model`).
 
     ``box_threshold``: boxes scoring below it stay out of the ``boxes`` column and the overlays.
-    ``heatmaps``: a folder for one heatmap PNG per image (column ``heatmap``). See the module docstring.
+    ``heatmaps``: a folder for one heatmap PNG per image (column ``heatmap``).
+    ``masks``: segmentation models: a folder for one class-index PNG per image (column ``mask``) and
+    ``classes.json``. See the module docstring.
     """
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".parquet"):
@@ -203,17 +227,25 @@ def score(
     layout = OutputLayout.of(runner.output_specs, runner.metadata.get("box_class_names"))
     records = RecordBuilder(runner, box_threshold)
     grading = "grade" in records.has
+    mask_layout = records.mask_layout
+    if masks and mask_layout is None:
+        raise InputError(f"{runner.describe()} gives no defect_masks (outputs {runner.output_names}); --masks needs a model "
+                         "with a segmentation head: drop --masks or score a segmentation model")
     if heatmaps and layout.heatmap is None:
         raise InputError(f"{runner.describe()} gives no heatmap (outputs {runner.output_names}); drop --heatmaps "
                          "or re-export the checkpoint (grading models on images give grade_heatmap)")
     paths = collect_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else ""
     if root:  # results, overlays and heatmaps written inside the input folder are not inputs of a later run
-        folders = [os.path.abspath(d) + os.sep for d in (overlays, heatmaps) if d]
+        folders = [os.path.abspath(d) + os.sep for d in (overlays, heatmaps, masks) if d]
         files = {os.path.abspath(output), os.path.abspath(str(output) + ".partial.csv"), os.path.abspath(str(output) + ".metrics.json")}
         paths = [p for p in paths if os.path.abspath(p) not in files and not any(os.path.abspath(p).startswith(f) for f in folders)]
-    columns = _columns(class_names, grading, layout.has_boxes, bool(heatmaps))
+    columns = _columns(class_names, grading, "boxes" in records.has, bool(heatmaps), bool(masks))
     heatmap_dir = Path(heatmaps) if heatmaps else None
+    mask_dir = Path(masks) if masks else None
+    if mask_dir is not None:
+        _write_classes(mask_dir, mask_layout)
+    box_names = list(layout.box_class_names) + (list(mask_layout.class_names) if mask_layout else [])
 
     parquet = output.suffix.lower() == ".parquet"
     writer, previous, done = open_journal(output, columns, retry_errors)
@@ -251,11 +283,18 @@ def score(
                     h0, w0 = batch["size"][i]
                     _save_png(heatmap_to_image(heat, (w0, h0)), target)
                     row["heatmap"] = str(target)
+                index_map = None
+                if mask_layout is not None and (mask_dir is not None or pool is not None):
+                    index_map = class_index_map(out[mask_layout.name][j], mask_layout, batch["size"][i])
+                if mask_dir is not None:
+                    target = _target(path, mask_dir, root)
+                    _save_png(Image.fromarray(index_map), target)
+                    row["mask"] = str(target)
                 rows.append(row)
                 scored += 1
                 if pool is not None:
                     pending.append(pool.submit(_draw_overlay, path, overlay_dir, record["decision"], g, record["confidence"], root, boxes,
-                                               heat, list(layout.box_class_names)))
+                                               heat, box_names, (index_map, mask_layout) if index_map is not None else None))
             writer.append(rows)
             bar.update(len(rows))
             bar.set_postfix(errors=errors, refresh=False)

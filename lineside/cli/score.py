@@ -37,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "export folder)")
     ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
     add_out_arg(ap, help="results .csv or .parquet (resumed if it exists)")
-    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with the heatmap blended in, boxes, grade and confidence)")
+    ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with the heatmap blended in, or a segmentation model's defect classes in colour, boxes, grade and confidence)")
     ap.add_argument("--box-threshold", type=float, default=BOX_SCORE_THRESHOLD,
                     help=f"models with a localization head: boxes scoring at least this go to the boxes column and overlays (default {BOX_SCORE_THRESHOLD})")
     ap.add_argument("--heatmaps", default=None, help="folder for one defect-heatmap PNG per image (image size, 0..255 = 0..1); "
                     "adds a heatmap column with its path")
+    ap.add_argument("--masks", default=None, help="segmentation models: folder for one class-index PNG per image (image size, "
+                    "0 background, k = class k) and classes.json (index → name); adds a mask column with its path")
     add_batch_size_arg(ap)
     add_device_arg(ap)
     ap.add_argument("--num-workers", type=int, default=None, help="decoding threads (default: cores, at most 4; 0 = decode in the main thread)")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if labelled:  # bad labels are reported before any scoring
             labelled = manifest_labels(Path(a.input), runner.class_names) is not None
         s = score(runner, a.input, a.out, a.overlays, a.batch_size, a.device, a.num_workers, None, a.retry_errors, not a.no_progress,
-                  box_threshold=a.box_threshold, heatmaps=a.heatmaps, intrinsics=a.intrinsics)
+                  box_threshold=a.box_threshold, heatmaps=a.heatmaps, intrinsics=a.intrinsics, masks=a.masks)
     except (InputError, RuntimeError, FileNotFoundError, ValueError) as exc:
         print(f"lineside score: error: {exc}", file=sys.stderr)
         return 2
