@@ -59,6 +59,23 @@ def _parity_failed(cmd: str, what: str, report) -> None:
     print(f"lineside export {cmd}: parity FAILED: {what}: {report.failure_message()}", file=sys.stderr)
 
 
+def _print_io(metadata: dict) -> None:
+    """The artefact's inputs and outputs, one line each."""
+    for key, label in (("inputs", "inputs: "), ("outputs", "outputs:")):
+        print(f"{label} " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in metadata[key]))
+
+
+def _report_parity(cmd: str, what: str, r) -> bool:
+    """Print the parity table of a result and keep it in ``parity.json`` beside the artefact; False on failure."""
+    if r.parity is None:
+        return True
+    print(r.parity.table())
+    (r.path.parent / "parity.json").write_text(json.dumps(r.parity.to_dict(), indent=2) + "\n")
+    if not r.parity.ok:
+        _parity_failed(cmd, what, r.parity)
+    return r.parity.ok
+
+
 # -- lineside export onnx ------------------------------------------------------------
 def onnx_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lineside export onnx", description=_doc('onnx_export').split("\n\n")[0])
@@ -88,18 +105,13 @@ def onnx_main(argv: list[str] | None = None) -> int:
         return 1
     size_mb = r.path.stat().st_size / 1e6
     print(f"wrote {r.path} ({size_mb:.1f} MB, opset {a.opset}, {r.metadata['precision']}) and {r.path.parent / 'metadata.json'} in {r.seconds:.1f} s")
-    print("inputs:  " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["inputs"]))
-    print("outputs: " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["outputs"]))
+    _print_io(r.metadata)
     if r.unsupported:
         print("operators TensorRT's ONNX parser lacks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.unsupported.items())))
     else:
         print("TensorRT operator check: every operator is in TensorRT's ONNX support list")
-    if r.parity is not None:
-        print(r.parity.table())
-        (r.path.parent / "parity.json").write_text(json.dumps(r.parity.to_dict(), indent=2) + "\n")
-        if not r.parity.ok:
-            _parity_failed("onnx", "the exported graph disagrees with the trained model", r.parity)
-            return 1
+    if not _report_parity("onnx", "the exported graph disagrees with the trained model", r):
+        return 1
     return 0 if not r.unsupported else 3
 
 
@@ -231,15 +243,8 @@ def aoti_main(argv: list[str] | None = None) -> int:
     size_mb = r.path.stat().st_size / 1e6
     print(f"wrote {r.path} ({size_mb:.1f} MB, {aoti['device']}, batch 1..{aoti['max_batch']}) and {r.path.parent / 'metadata.json'} "
           f"in {r.seconds:.1f} s (compile {aoti['compile_seconds']:.1f} s)")
-    print("inputs:  " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["inputs"]))
-    print("outputs: " + ", ".join(f"{s['name']} {s['dtype']} {s['shape']}" for s in r.metadata["outputs"]))
-    if r.parity is not None:
-        print(r.parity.table())
-        (r.path.parent / "parity.json").write_text(json.dumps(r.parity.to_dict(), indent=2) + "\n")
-        if not r.parity.ok:
-            _parity_failed("aoti", "the compiled package disagrees with the trained model", r.parity)
-            return 1
-    return 0
+    _print_io(r.metadata)
+    return 0 if _report_parity("aoti", "the compiled package disagrees with the trained model", r) else 1
 
 
 # -- lineside export triton ------------------------------------------------------------
