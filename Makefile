@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,backbones,tensorrt,line]'
+	$(PY) -m pip install --quiet -e '.[dev,backbones,tensorrt,line,plant,adapt]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -12,7 +12,7 @@ from torch import nn
 
 from lineside.fusion.checkpoint_file import CheckpointError, read_checkpoint
 
-__all__ = ["CheckpointError", "LoadedModel", "instantiate_config", "load_inspection_model"]
+__all__ = ["CheckpointError", "LoadedModel", "instantiate_config", "load_inspection_model", "named_grade_class_names"]
 
 
 @dataclass
@@ -34,6 +34,11 @@ class LoadedModel:
             (``num_points``, ``features``, ``voxel_size``, ``normal_radius``, ``normalisation`` …,
             recorded under ``checkpoint["lineside"]["points"]``), with the grasp decoder's
             ``grasp_top_k`` / ``grasp_nms_radius``; empty otherwise.
+        adapter: the LoRA adapter file merged into ``model``'s weights, if any.
+        grade_class_names: the grade names of each named grading task (``grading/xray``), keyed by the
+            qualifier of its outputs (``{"xray": ["class_0", "class_1"]}``; ``class_names_<q>`` in the
+            checkpoint); empty for a model with the plain ``grading`` task only, or a checkpoint that
+            recorded none.
     """
 
     model: nn.Module
@@ -47,6 +52,8 @@ class LoadedModel:
     box_class_names: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     points: dict[str, Any] = field(default_factory=dict)
+    adapter: str = ""  # a LoRA adapter file merged into the weights (lineside.fusion.adapters)
+    grade_class_names: dict[str, list[str]] = field(default_factory=dict)
 
 
 # Before lineside 0.2 the folders installed as top-level modules (``fusion.InspectionModel``);
@@ -86,7 +93,8 @@ def instantiate_config(config: Any, offline_weights: bool = True) -> Any:
 
 
 def load_inspection_model(
-    ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False
+    ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Rebuild the trained model from a ``train.py`` checkpoint (an ``InspectionModel``) or a
     ``crossval.py`` ensemble checkpoint (an :class:`fusion.ensemble.InspectionEnsemble`).
@@ -94,6 +102,9 @@ def load_inspection_model(
     The file is read with ``weights_only=True`` (:func:`lineside.fusion.checkpoint_file.read_checkpoint`);
     one whose pickle asks for more is refused with a :class:`CheckpointError` unless
     ``trust_checkpoint`` (``--trust-checkpoint``) says it comes from a trusted source.
+    ``adapter``: a LoRA adapter file (``adapter.safetensors`` of a ``--model.adapter`` fit) merged into
+    the weights; refused when it was trained on another base. A pruned checkpoint (``lineside prune``)
+    re-shapes the configured model to its saved weights.
     """
     ckpt_path = os.fspath(ckpt_path)
     ckpt = read_checkpoint(ckpt_path, map_location, trust_checkpoint)
@@ -112,12 +123,24 @@ def load_inspection_model(
         model = InspectionEnsemble(members, ensemble.get("grade_bias"))
     else:
         model = instantiate_config(meta["model_config"])
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    from lineside.fusion.adapters import model_state
+    from lineside.fusion.pruning import fit_to_state
+
+    state = model_state(ckpt, ckpt_path)  # an adapter fit's checkpoint: its LoRA layers merged
+    if meta.get("pruned"):  # `lineside prune`: the channel counts of the saved weights
+        fit_to_state(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_path}: weights do not fit the configured model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if adapter:  # one base, one adapter per product: merged into the weights (plain torch)
+        from lineside.fusion.adapters import AdapterError, merge_adapter
+
+        try:
+            merge_adapter(model, adapter, ckpt_path)
+        except AdapterError as exc:
+            raise CheckpointError(str(exc)) from exc
     model.eval()
+    tasks = list(meta.get("tasks") or getattr(model, "task_names", None) or ["grading"])
     return LoadedModel(
         model=model,
         class_names=list(meta["class_names"]),
@@ -126,15 +149,30 @@ def load_inspection_model(
         tta_views=int(meta.get("tta_views") or 1),
         config=meta["model_config"],
         source=ckpt_path,
+        adapter=os.fspath(adapter) if adapter else "",
         training_config={
             "model": _plain(ckpt.get("hyper_parameters") or {}),
             "data": _plain(ckpt.get("datamodule_hyper_parameters") or {}),
             "ensemble": _plain({k: v for k, v in (ensemble or {}).items() if k != "member_configs"}),
         },
         box_class_names=list(meta.get("box_class_names") or []),
-        tasks=list(meta.get("tasks") or getattr(model, "task_names", None) or ["grading"]),
+        tasks=tasks,
+        grade_class_names=named_grade_class_names(meta, tasks),
         points=_plain({**{k: meta[k] for k in ("grasp_top_k", "grasp_nms_radius") if meta.get(k) is not None}, **(meta.get("points") or {})}),
     )
+
+
+def named_grade_class_names(meta: dict[str, Any], tasks: list[str]) -> dict[str, list[str]]:
+    """``{q: grade names}`` of each named grading task in ``tasks`` whose names the checkpoint record
+    ``meta`` holds (``class_names_<q>``, ``q`` the task's output suffix: ``grading/xray`` → ``xray``)."""
+    out = {}
+    for task in tasks:
+        kind, _, qualifier = task.partition("/")
+        q = qualifier.replace("/", "_")
+        names = meta.get(f"class_names_{q}") if kind == "grading" and q else None
+        if names:
+            out[q] = [str(n) for n in names]
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,10 @@
 """``metadata.json`` beside every exported artefact: what it is, what it takes and gives, where it came from.
 
 Keys: ``format``, ``artefact``, ``artefact_sha256``, ``model_sha256`` (the source checkpoint),
-``class_names``, ``masks`` (per ``defect_masks`` output of a segmentation task: its foreground
+``class_names``, ``grade_class_names`` (the grade names of each named grading task, keyed by its
+output suffix: ``{"xray": ["class_0", "class_1"]}`` for ``grade_probs_xray``; empty without named
+grading tasks; older artefacts lack the key and their records give those grades as indices),
+``masks`` (per ``defect_masks`` output of a segmentation task: its foreground
 ``class_names``, ``structure_classes`` and ``stride`` in training-size pixels), ``inputs`` / ``outputs`` (name, dtype, shape with ``"N"`` for the dynamic batch,
 kind), ``dynamic_axes``, ``batch_sizes``, ``preprocessing`` (input size, training size, resize,
 normalisation constants, test-time views), ``training_config``, ``versions`` (lineside, torch,
@@ -66,6 +69,7 @@ def build_metadata(deployable: Any, loaded: Any, fmt: str, **extra: Any) -> dict
         "task": "+".join(getattr(loaded, "tasks", None) or ["grading"]),
         "class_names": list(deployable.class_names),
         "box_class_names": list(getattr(loaded, "box_class_names", None) or []),
+        "grade_class_names": {str(q): list(n) for q, n in (getattr(loaded, "grade_class_names", None) or {}).items()},
         "masks": _mask_outputs(deployable),
         "inputs": inputs,
         "outputs": outputs,

@@ -16,9 +16,21 @@ from lineside.vision.records import ImageRecord, dedupe_records, records_from_im
 from lineside.vision.splits import block_split, fold_split, stratified_split
 from lineside.vision.transforms import build_eval_transform, build_train_transform
 
-__all__ = ["InspectionDataModule"]
+__all__ = ["InspectionDataModule", "filter_cell_type"]
 
 log = logging.getLogger(__name__)
+
+CELL_TYPES = {"mono": "monocrystalline", "poly": "polycrystalline"}  # ELPV's type column → its record text
+
+
+def filter_cell_type(records: list[ImageRecord], cell_type: str, where: str = "records") -> list[ImageRecord]:
+    """The records of one cell type: ``mono`` / ``poly`` (ELPV), or an exact text of a manifest's ``text`` column."""
+    want = CELL_TYPES.get(cell_type, cell_type)
+    kept = [r for r in records if r.text == want]
+    if records and not kept:
+        seen = sorted({str(r.text) for r in records})[:6]
+        raise ValueError(f"{where}: no {cell_type!r} cells (types present: {seen}); use mono, poly or a text of the manifest")
+    return kept
 
 
 class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
@@ -59,6 +71,9 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
             models with a text encoder; others ignore texts.
         dedupe: ``"md5"`` drops images whose bytes repeat an earlier image's before splitting
             (the count is logged), so no copy sits on both sides of a split; ``"none"`` keeps all.
+        cell_type: keep only cells of this type, after splitting (so every split keeps its module
+            blocks): ``"mono"`` / ``"poly"`` (ELPV's monocrystalline / polycrystalline cells), or any
+            text a manifest's ``text`` column holds. ``None`` (default): every cell.
     """
 
     def __init__(
@@ -82,6 +97,7 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         num_folds: int = 5,
         text: str | None = None,
         dedupe: Literal["none", "md5"] = "none",
+        cell_type: str | None = None,
     ) -> None:
         super().__init__()
         if root and manifest:
@@ -98,6 +114,7 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
         if dedupe not in ("none", "md5"):
             raise ValueError(f"dedupe must be 'none' or 'md5', got {dedupe!r}")
         self.dedupe = dedupe
+        self.cell_type = cell_type
         self.dropped_duplicates = 0
         self._class_names = class_names
         self.splits: dict[str, list[ImageRecord]] | None = None
@@ -138,6 +155,8 @@ class InspectionDataModule(SplitLoadersMixin, L.LightningDataModule):
             block = self.block_size if self.split == "block" else None
             idx = fold_split([r.label for r in pool], self.num_folds, self.fold, block, self.seed)
             fixed["train"], fixed["val"] = [pool[i] for i in idx["train"]], [pool[i] for i in idx["val"]]
+        if self.cell_type is not None:
+            fixed = {s: filter_cell_type(v, self.cell_type, f"{self.source} {s}") for s, v in fixed.items()}
         self.splits = finish_splits(fixed, self.limit, self.source, log)
         return self.splits
 

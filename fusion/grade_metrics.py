@@ -79,7 +79,7 @@ class GradeMetrics(Metric):
             "nll": self.nll_sum / n.clamp_min(1),
             "auroc_defective": torch.tensor(float("nan")),
         }
-        if self.defective:
+        if len(self.defective):  # a list per process; one tensor once synced across DDP processes
             target = dim_zero_cat(self.defective)
             if bool(target.any()) and not bool(target.all()):
                 out["auroc_defective"] = binary_auroc(dim_zero_cat(self.defect_score), target)

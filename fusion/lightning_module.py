@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Literal
 
@@ -52,9 +53,23 @@ class InspectionModule(L.LightningModule):
         coverage_radius: radius (m) of the graspable-region coverage metric (:mod:`fusion.grasp_metrics`).
         criteria: criteria of further (named) tasks by task name.
         task_weighting: how the tasks' losses of a batch are summed (:mod:`lineside.fusion.task_weighting`):
-            ``sum``, ``fixed`` (``task_weights``) or ``uncertainty`` (learnt log-variances, Kendall et al. 2018).
+            ``sum``, ``fixed`` (``task_weights``), ``uncertainty`` (learnt log-variances, Kendall et al. 2018),
+            ``gradnorm`` (Chen et al. 2018) or ``upgrad`` (torchjd Jacobian descent; manual optimisation).
         task_weights: ``fixed``: task name → weight (others 1).
         uncertainty_clip: ``uncertainty``: lower bound of the log-variance regulariser.
+        task_weighting_options: further :class:`~lineside.fusion.task_weighting.TaskWeighting` options
+            (``gradnorm``: ``alpha``, ``lr``, ``shared_layer``; ``upgrad``: ``max_accumulate``).
+        distill: train as a student of a frozen teacher (:class:`~lineside.fusion.distillation.Distillation`
+            arguments: ``teacher`` checkpoint, ``temperature``, ``alpha`` …); the teacher is not part of
+            this module's weights or checkpoint.
+        adapter: train a LoRA adapter on a frozen base (:class:`~lineside.fusion.adapters.LoraAdapter`
+            fields: ``base`` checkpoint, ``rank``, ``alpha``, ``targets`` …); the fit writes
+            ``adapter.safetensors`` in its run folder.
+        init_from: start from this checkpoint's weights (e.g. a pruned one from ``lineside prune``,
+            whose channel counts the model takes).
+        domain_transfer: a :class:`~lineside.fusion.transfer.DomainTransferCriterion`: training batches are
+            dicts of labelled / source / unlabelled batches (:class:`~lineside.fusion.transfer_datamodule.TransferDataModule`)
+            and its MMD / contrastive terms join the task losses; not part of the exported model.
     """
 
     def __init__(
@@ -74,19 +89,29 @@ class InspectionModule(L.LightningModule):
         grasp_nms_radius: float = 0.01,
         coverage_radius: float = 0.02,
         criteria: dict[str, nn.Module] | None = None,
-        task_weighting: Literal["sum", "fixed", "uncertainty"] = "sum",
+        task_weighting: Literal["sum", "fixed", "uncertainty", "gradnorm", "upgrad"] = "sum",
         task_weights: dict[str, float] | None = None,
         uncertainty_clip: float = 0.0,
+        task_weighting_options: dict | None = None,
+        distill: dict | None = None,
+        adapter: dict | None = None,
+        init_from: str | None = None,
+        domain_transfer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # from the CLI "model" is its class_path config; else drop the object
             self.save_hyperparameters()
-        for key in ("model", "criterion", "localization_criterion", "grasp_criterion", "criteria"):
+        for key in ("model", "criterion", "localization_criterion", "grasp_criterion", "criteria", "domain_transfer"):
             value = self.hparams.get(key)
             if isinstance(value, nn.Module) or (isinstance(value, dict) and any(isinstance(v, nn.Module) for v in value.values())):
                 del self.hparams[key]
         self.model = model
+        self.domain_transfer = domain_transfer
+        # init_from / adapter: load weights (re-shaping a pruned model), wrap with LoRA; kept in checkpoints
+        from lineside.fusion.adapters import prepare_weights
+
+        self.adaptation = prepare_weights(model, init_from, adapter)
         self.tta_views, self.top_k = tta_views, top_k
         self.settings = TaskSettings(tta_views=tta_views, top_k=top_k, grasp_top_k=grasp_top_k, grasp_nms_radius=grasp_nms_radius,
                                      grade_heatmap=False, coverage_radius=coverage_radius)
@@ -98,7 +123,16 @@ class InspectionModule(L.LightningModule):
         self.label_names.update({k: list(v) for k, v in (("grading", class_names), ("localization", box_class_names)) if v})
         self.optimizer_factory, self.scheduler_factory, self.backbone_lr_scale = optimizer, scheduler, backbone_lr_scale
         self._deployables: dict[tuple, DeployableModel] = {}
-        self.task_weighting = TaskWeighting(model.task_names, task_weighting, task_weights, uncertainty_clip)
+        self.task_weighting = TaskWeighting(model.task_names, task_weighting, task_weights, uncertainty_clip,
+                                            **(task_weighting_options or {}))
+        self.task_weighting.bind(model)  # gradnorm / upgrad: the shared parameters
+        self.automatic_optimization = task_weighting != "upgrad"  # upgrad steps in TaskWeighting.manual_step
+        # (losses, out, batch) -> losses, after the task losses: distillation (below), EWC (fusion.continual callback)
+        self.loss_hooks: list = []
+        if distill:
+            from lineside.fusion.distillation import Distillation
+
+            self.loss_hooks.append(Distillation(**distill))
 
     @property
     def class_names(self) -> list[str]:
@@ -112,12 +146,29 @@ class InspectionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """The data module's task must be one of the model's; that task checks the data fits its head.
         A multi-task data module (``task_data()``) gives one data module per task, each checked so."""
+        self._find_unused_parameters_under_ddp()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
         pairs = dm.task_data() if callable(getattr(dm, "task_data", None)) else [(getattr(dm, "task", "grading"), dm)]
         for kind, data in pairs:
             self._configure_task(kind, data, stage)
+
+    def _find_unused_parameters_under_ddp(self) -> None:
+        """Under DDP, a multi-task model's heads get no gradient from a batch of another task's data
+        (it adds no loss for them), which plain DDP refuses at the next step. DDP is told to look for
+        unused parameters (``strategy=ddp_find_unused_parameters_true``) before it wraps the model,
+        unless the strategy was given ``find_unused_parameters`` or ``static_graph`` itself. Unused
+        parameters keep no gradient, so the optimizer skips them as on one process."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        if not isinstance(strategy, DDPStrategy) or len(self.model.tasks) < 2:
+            return
+        kwargs = strategy._ddp_kwargs
+        if "find_unused_parameters" not in kwargs and not kwargs.get("static_graph"):
+            kwargs["find_unused_parameters"] = True
+            rank_zero_info(f"DDP: find_unused_parameters=True (tasks {self.model.task_names}: a batch trains only the tasks it has labels for)")
 
     def _configure_task(self, kind: str, dm, stage: str) -> None:
         if kind == "grading" and not hasattr(dm, "num_classes"):
@@ -153,10 +204,17 @@ class InspectionModule(L.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self._losses(self.model(**self.model.batch_inputs(batch)), batch)
+        if self.domain_transfer is not None and "labelled" in batch:  # TransferDataModule's dict of batches
+            return self.domain_transfer.training_step(self, batch)
+        out = self.model(**self.model.batch_inputs(batch))
+        losses = self._losses(out, batch)
+        for hook in self.loss_hooks:
+            losses = hook(losses, out, batch)
         n = len(batch["image"] if "image" in batch else batch["points"])
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=n)
         self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=n)
+        if not self.automatic_optimization:  # upgrad: per-task gradients, aggregated, stepped there
+            self.task_weighting.manual_step(self, losses)
         return losses["loss"]
 
     # -- evaluation: the deployable module, fp32 ---------------------------------------------
@@ -184,7 +242,8 @@ class InspectionModule(L.LightningModule):
             metrics = self.metrics[stage][task.name]
             values = task.compute(metrics, stage, self.label_names[task.name])
             for name, value in values.items():
-                self.log(task.metric_key(stage, name), value, prog_bar=stage == "val" and name in task.progress)
+                # torchmetrics already synced the value across DDP processes; sync_dist only says so (no warning)
+                self.log(task.metric_key(stage, name), value, prog_bar=stage == "val" and name in task.progress, sync_dist=True)
             if values and stage == "test" and self.trainer.is_global_zero:
                 task.report(metrics, self.label_names[task.name], self.trainer.log_dir)
             metrics.reset()
@@ -219,6 +278,7 @@ class InspectionModule(L.LightningModule):
         ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in ids and p.requires_grad]
         rest += list(self.task_weighting.parameters())  # uncertainty weighting's log-variances
+        rest += list(self.domain_transfer.parameters()) if self.domain_transfer is not None else []  # its projection head
         optimizer = self.optimizer_factory([{"params": rest, "name": "head"},
                                             {"params": backbone, "name": "backbone", "lr_scale": self.backbone_lr_scale}])
         for g in optimizer.param_groups:  # schedulers take these as their initial LRs
@@ -230,6 +290,13 @@ class InspectionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # class weights are recomputed from the data at each fit start; older checkpoints stored them
         checkpoint["state_dict"].pop("criterion.class_weights", None)
+        if (checkpoint.get("lineside") or {}).get("pruned"):  # `lineside prune`: take the saved channel counts
+            from lineside.fusion.pruning import fit_to_state
+
+            fit_to_state(self.model, {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
+        qat = checkpoint.get("lineside_qat")
+        if qat and any(hasattr(m, "weight_quant") for m in self.model.modules()):  # QAT run (fusion.qat): its quantizers sit beside the weights
+            checkpoint["state_dict"].update({f"model.{k}": v for k, v in qat["state"].items()})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -242,4 +309,13 @@ class InspectionModule(L.LightningModule):
         for task in self.model.tasks:  # what each task needs recorded (the grasp task: the point side)
             data = dm.for_task(task.name) if callable(getattr(dm, "for_task", None)) else dm
             checkpoint["lineside"].update(task.checkpoint_record(data or dm, self.settings))
+        checkpoint["lineside"].update(self.adaptation)  # pruned channel counts, LoRA adapter settings
+
+    def on_fit_end(self) -> None:
+        if self.adaptation.get("adapter") and self.trainer.is_global_zero:  # the best checkpoint's adapter, beside the run
+            from lineside.fusion.adapters import write_run_adapter
+
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", None)
+            path = write_run_adapter(self.model, self.adaptation["adapter"], self.trainer.default_root_dir, best)
+            rank_zero_info(f"adapter written: {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
 

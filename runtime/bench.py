@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BenchRow", "run_bench", "format_table"]
+__all__ = ["BenchRow", "CompareRow", "compare_throughput", "format_compare", "run_bench", "format_table"]
 
 log = logging.getLogger("lineside.bench")
 
@@ -205,3 +205,42 @@ def format_table(rows: list[BenchRow], ctx: dict) -> str:
     lines += [_fmt_row(r, rows[0]) for r in rows]
     return "\n".join(lines)
 
+
+
+@dataclass
+class CompareRow:
+    """One model's throughput in a side-by-side run (:func:`compare_throughput`)."""
+
+    model: str
+    outputs: list[str]
+    throughput: float
+    rounds: list[float]
+    ratio: float = 1.0
+
+
+def compare_throughput(backends: dict[str, object], frames: np.ndarray, rounds: int = 5, min_seconds: float = 2.0) -> list[CompareRow]:
+    """Throughput (frames/s) of several models on the same uint8 ``frames`` (one batch), measured in
+    interleaved rounds (A, B, A, B …) so that a machine whose load drifts during the run weighs on every
+    model alike; each model's figure is the median of its rounds and ``ratio`` is relative to the first."""
+    for backend in backends.values():
+        backend(frames[:1])
+        backend(frames)
+    per: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(max(1, rounds)):
+        for name, backend in backends.items():
+            per[name].append(_throughput(backend, frames, min_seconds=min_seconds, min_rounds=2))
+    rows = [CompareRow(name, [s["name"] for s in backend.output_specs], float(np.median(per[name])), per[name])
+            for name, backend in backends.items()]
+    for r in rows:
+        r.ratio = r.throughput / rows[0].throughput if rows[0].throughput else float("nan")
+    return rows
+
+
+def format_compare(rows: list[CompareRow], ctx: dict) -> str:
+    head = (f"{ctx['date']}, {ctx['gpu'] or ctx['cpu']} ({ctx['cores']} CPU cores), torch {ctx['torch']}; {ctx.get('backend', 'eager')}; "
+            f"the same uint8 frames {ctx['input_size'][0]}x{ctx['input_size'][1]} from the {ctx['frames']}, batch {ctx['batch']}, "
+            f"median of {ctx['rounds']} interleaved rounds")
+    lines = [head, "", "| model | outputs | img/s | vs first | rounds (img/s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {', '.join(r.outputs)} | {r.throughput:.1f} | **{r.ratio:.2f}x** | "
+              f"{' / '.join(f'{v:.1f}' for v in r.rounds)} |" for r in rows]
+    return "\n".join(lines)

@@ -42,6 +42,10 @@ def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_vi
     # -o3: exports since the in-graph resize is the integer one of every path (older cached graphs
     # resize in float; -o2 added grade_heatmap and box kinds)
     key = f"{file_sha256(loaded.source)[:16]}-{size[0]}x{size[1]}-tta{views}-o3"
+    if getattr(loaded, "grade_class_names", None):  # named grading tasks: graphs cached before their metadata named the grades
+        key += "-gn"
+    if getattr(loaded, "adapter", ""):  # base + LoRA adapter: one cached graph per adapter
+        key += "-lora" + file_sha256(loaded.adapter)[:12]
     if text and getattr(loaded.model, "text_encoder", None) is not None:
         import hashlib
 
@@ -65,6 +69,19 @@ def _cached_onnx(loaded: LoadedModel, input_size: tuple[int, int] | None, tta_vi
     return path
 
 
+def _adapter_base(adapter: str | os.PathLike) -> str:
+    """The base checkpoint recorded in an adapter's ``.json`` sidecar."""
+    import json
+
+    record = Path(adapter).with_suffix(".json")
+    try:
+        base = Path(json.loads(record.read_text())["base"])
+        # as recorded (relative to where the fit ran), else relative to the adapter's folder, else its file name there
+        return str(next((p for p in (base, record.parent / base, record.parent / base.name) if p.is_file()), base))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{adapter}: no base checkpoint recorded in {record} ({exc}); pass --model BASE.ckpt --adapter {adapter}") from exc
+
+
 def open_model(
     model: str | os.PathLike | LoadedModel | Backend,
     backend: str = "auto",
@@ -73,6 +90,7 @@ def open_model(
     tta_views: int | None = None,
     text: str | None = None,
     trust_checkpoint: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> Backend:
     """A :class:`export.backends.Backend` for a checkpoint, a loaded model or an exported artefact.
 
@@ -80,7 +98,9 @@ def open_model(
     (falling back to eager torch, with a warning, when the export is impossible here); on a
     GPU, eager torch; an exported artefact runs on the backend its suffix names.
     A checkpoint is read with ``weights_only=True``; ``trust_checkpoint`` (``--trust-checkpoint``)
-    lets one that this refuses load as a full pickle.
+    lets one that this refuses load as a full pickle. ``adapter``: a LoRA adapter file
+    (``adapter.safetensors``) merged into the checkpoint's weights; ``model`` may also be the adapter
+    file itself, whose record names its base checkpoint.
     """
     if isinstance(model, Backend):
         return model
@@ -89,12 +109,17 @@ def open_model(
     from lineside.runtime.torch_backend import TorchBackend
 
     size = parse_size(input_size) if isinstance(input_size, (str, int)) else input_size
+    if str(model).lower().endswith(".safetensors"):  # an adapter: base + adapter
+        model, adapter = _adapter_base(model), model
+    if adapter and (isinstance(model, LoadedModel) or not str(model).lower().endswith((".ckpt", ".pt"))):
+        raise InputError(f"--adapter {adapter}: an adapter is merged into a checkpoint (.ckpt), not into {model}")
     is_ckpt = isinstance(model, LoadedModel) or str(model).lower().endswith((".ckpt", ".pt"))
     if not is_ckpt:
         if input_size or tta_views or text:
             raise InputError(f"{model}: --input-size, --tta and --text are fixed in an exported artefact; re-export to change them")
         return load_backend(model, None if backend == "auto" else backend, device, trust_checkpoint=trust_checkpoint)
-    loaded = model if isinstance(model, LoadedModel) else load_inspection_model(model, trust_checkpoint=trust_checkpoint)
+    loaded = model if isinstance(model, LoadedModel) else load_inspection_model(model, trust_checkpoint=trust_checkpoint,
+                                                                                adapter=adapter)
     if backend == "auto" and device == "cpu" and loaded.source:
         try:
             return load_backend(_cached_onnx(loaded, size, tta_views, text), "onnxruntime", device)

@@ -9,6 +9,7 @@ model carries, found by output names and kinds, never by the model's class:
 field              outputs it reads                            record keys
 =================  ==========================================  ==============================================
 :class:`GradeField`  ``grade_probs``, ``grade``                 ``grade``, ``decision``, ``confidence``, ``probabilities``
+:class:`NamedGradeField`  ``grade_probs_<q>``, ``grade_<q>``      ``grades``: ``{q: {"grade", "decision", "confidence", "probabilities"}}``
 :class:`BoxField`    kinds ``box`` / ``box_score`` / ``box_label``  ``boxes``: ``[{"label", "score", "box"}]`` in the input's pixels
 :class:`SegmentationField`  ``defect_masks``                    ``boxes`` (as above): one per connected region of a defect class
 :class:`GraspField`  ``grasp_*``                                ``grasps``: ``[{"position", "approach", "closing", "width", "score"}]``
@@ -30,7 +31,7 @@ import numpy as np
 from lineside.runtime.detections import BOX_SCORE_THRESHOLD, MaskLayout, OutputLayout, box_records
 from lineside.vision.segmentation_regions import regions_to_boxes
 
-__all__ = ["RecordField", "GradeField", "BoxField", "SegmentationField", "GraspField", "ExtraField", "RecordBuilder", "score_row"]
+__all__ = ["RecordField", "GradeField", "NamedGradeField", "BoxField", "SegmentationField", "GraspField", "ExtraField", "RecordBuilder", "score_row"]
 
 GRASP_OUTPUTS = ("grasp_position", "grasp_approach", "grasp_closing", "grasp_width", "grasp_score")
 
@@ -71,6 +72,49 @@ class GradeField(RecordField):
             names = self.class_names if len(self.class_names) == len(probs) else [str(k) for k in range(len(probs))]
             record["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probs)}
             record["confidence"] = round(float(probs[grade] if grade < len(probs) else probs.max()), 6)
+
+
+class NamedGradeField(RecordField):
+    """The grades of named grading tasks (``grading/el``, ``grading/xray``: outputs ``grade_probs_el``,
+    ``grade_el`` …), one entry each under ``grades``, keyed by the qualifier. Grade names come from
+    the metadata's ``grade_class_names[q]`` (every export since it was added), else its
+    ``class_names_<q>`` (as the checkpoint records them), else the grade indices (``"0"``, ``"1"`` …:
+    an artefact exported before grade names were recorded per task)."""
+
+    def __init__(self, specs: list[dict], metadata: dict) -> None:
+        names = {s["name"] for s in specs}
+        self.tasks = {n[len("grade_probs_"):]: (n, f"grade_{n[len('grade_probs_'):]}" if f"grade_{n[len('grade_probs_'):]}" in names else None)
+                      for n in sorted(names) if n.startswith("grade_probs_")}
+        recorded = metadata.get("grade_class_names") or {}
+        self.class_names = {q: [str(n) for n in (recorded.get(q) or metadata.get(f"class_names_{q}") or [])] for q in self.tasks}
+        shapes = {s["name"]: s.get("shape") or [] for s in specs}
+        self.num_grades = {q: shapes[probs][1] if len(shapes[probs]) == 2 and isinstance(shapes[probs][1], int) else None
+                           for q, (probs, _) in self.tasks.items()}
+        self.claims = tuple(n for probs, grade in self.tasks.values() for n in (probs, grade) if n)
+
+    def grade_names(self, q: str, k: int | None = None) -> list[str]:
+        """The names task ``q``'s records give its ``k`` grades (default: as many as its output spec
+        has): the recorded names when there are ``k`` of them, else the indices as text."""
+        k = self.num_grades[q] if k is None else k
+        if k is None:
+            return list(self.class_names[q])
+        return self.class_names[q] if len(self.class_names[q]) == k else [str(i) for i in range(k)]
+
+    @classmethod
+    def of(cls, specs: list[dict], backend: Any) -> "NamedGradeField | None":
+        field = cls(specs, getattr(backend, "metadata", {}) or {})
+        return field if field.tasks else None
+
+    def fill(self, record: dict, outputs: dict[str, np.ndarray], i: int, j: int, size: Sequence[int] | None) -> None:
+        grades = {}
+        for q, (probs_name, grade_name) in self.tasks.items():
+            probs = np.asarray(outputs[probs_name][j], dtype=np.float64)
+            grade = int(outputs[grade_name][j]) if grade_name else int(probs.argmax())
+            names = self.grade_names(q, len(probs))
+            grades[q] = {"grade": grade, "decision": names[grade] if 0 <= grade < len(names) else str(grade),
+                         "confidence": round(float(probs[grade] if grade < len(probs) else probs.max()), 6),
+                         "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)}}
+        record["grades"] = grades
 
 
 class BoxField(RecordField):
@@ -176,6 +220,11 @@ class RecordBuilder:
         claimed = {n for f in fields for n in f.claims}
         layout = OutputLayout.of(specs, backend.metadata.get("box_class_names"))
         rest = [s for s in specs if s["name"] not in claimed and s["name"] not in layout.names()]
+        named = NamedGradeField.of(rest, backend)
+        if named is not None:
+            fields.insert(0, named)
+            claimed |= set(named.claims)
+            rest = [r for r in rest if r["name"] not in claimed]
         grade = GradeField.of(rest, backend)
         if grade is not None:
             fields.insert(0, grade)
@@ -183,6 +232,13 @@ class RecordBuilder:
         self.fields = fields + [ExtraField([s["name"] for s in rest if s["name"] not in claimed])]
         self.class_names = list(backend.class_names)
         self.box_threshold = box_threshold
+
+    @property
+    def named_grades(self) -> dict[str, list[str]]:
+        """``{q: grade names}`` of each named grading task (``grading/xray`` → ``"xray"``), the names its
+        records use under ``grades`` (indices as text where the artefact records none); empty without."""
+        field = next((f for f in self.fields if isinstance(f, NamedGradeField)), None)
+        return {q: field.grade_names(q) for q in field.tasks} if field is not None else {}
 
     @property
     def box_class_names(self) -> list[str]:
@@ -197,7 +253,7 @@ class RecordBuilder:
     @property
     def has(self) -> set[str]:
         """Which fields the records carry: ``grade``, ``boxes`` (localization or segmentation), ``grasps``."""
-        kinds = {GradeField: "grade", BoxField: "boxes", SegmentationField: "boxes", GraspField: "grasps"}
+        kinds = {GradeField: "grade", NamedGradeField: "grades", BoxField: "boxes", SegmentationField: "boxes", GraspField: "grasps"}
         return {kinds[type(f)] for f in self.fields if type(f) in kinds}
 
     def record(self, outputs: dict[str, np.ndarray], j: int, size: Sequence[int] | None = None) -> dict[str, Any]:
@@ -214,12 +270,17 @@ class RecordBuilder:
 
 def score_row(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
     """A record → the columns of a ``lineside score`` results file: ``grade``, ``grade_name``,
-    ``confidence``, ``p_<grade>`` (grading models), ``boxes`` as JSON (localization and segmentation models)."""
+    ``confidence``, ``p_<grade>`` (grading models); for each named grading task ``q`` (records'
+    ``grades``) ``grade_<q>``, ``grade_name_<q>``, ``confidence_<q>``, ``p_<q>_<grade name>``;
+    ``boxes`` as JSON (localization and segmentation models)."""
     row: dict[str, Any] = {}
     if record.get("grade") is not None:
         probs = record.get("probabilities") or {}
         row |= {"grade": record["grade"], "grade_name": record["decision"], "confidence": f"{record['confidence']:.6f}"}
         row |= {f"p_{n}": f"{probs.get(n, float('nan')):.6f}" for n in class_names}
+    for q, g in (record.get("grades") or {}).items():
+        row |= {f"grade_{q}": g["grade"], f"grade_name_{q}": g["decision"], f"confidence_{q}": f"{g['confidence']:.6f}"}
+        row |= {f"p_{q}_{n}": f"{p:.6f}" for n, p in (g.get("probabilities") or {}).items()}
     if "boxes" in record:
         row["boxes"] = json.dumps(record["boxes"], separators=(",", ":"))
     return row

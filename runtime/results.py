@@ -125,7 +125,9 @@ def finalise_parquet(journal: RowJournal, output: Path, previous: list[dict], ty
     columns = journal.columns
     table = {c: [r.get(c, "") for r in rows] for c in columns}
     if types is None:
-        types = {c: int if c == "grade" else float for c in columns if c in ("grade", "confidence") or c.startswith("p_")}
+        # grade / grade_<task> int; confidence / confidence_<task> and p_* float (grade_name* stay text)
+        types = {c: int if c.startswith("grade") else float for c in columns
+                 if (c.startswith(("grade", "confidence")) and not c.startswith("grade_name")) or c.startswith("p_")}
     for c, cast in types.items():
         table[c] = [cast(v) if v not in ("", None) else None for v in table[c]]
     tmp = output.with_name(output.name + ".tmp")

@@ -16,6 +16,9 @@ parity-checked on real images) and scores with ONNX Runtime, the fastest CPU bac
 it runs eager torch. ``--backend torch`` keeps eager PyTorch.
 
 One row per input: path, grade, grade_name, confidence, p_<grade> per grade (grading models),
+grade_<q>, grade_name_<q>, confidence_<q>, p_<q>_<grade> for each named grading task ``grading/<q>``
+(a plant model's ``grading/el``: ``grade_el``, ``p_el_ok`` …; grade indices for an artefact exported
+before its metadata recorded the names, ``grade_class_names``),
 ``boxes`` (models with a localization or segmentation head), ``heatmap`` (with ``--heatmaps``), ``mask``
 (with ``--masks``), error. ``boxes`` is a
 JSON list ``[{"label": name, "score": s, "box": [x1, y1, x2, y2]}, …]`` in pixels of the original
@@ -140,11 +143,16 @@ def _draw_overlay(path: str, out_dir: Path, grade_name: str | None, grade: int |
     _save_png(image, _target(path, out_dir, root))
 
 
-def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, heatmap: bool = False, mask: bool = False) -> list[str]:
-    """Result columns: path, the grade columns (grading models), boxes, heatmap, mask, error."""
+def _columns(class_names: list[str], grades: bool = True, boxes: bool = False, heatmap: bool = False, mask: bool = False,
+             named: dict[str, list[str]] | None = None) -> list[str]:
+    """Result columns: path, the grade columns (grading models), those of each named grading task
+    (``named``: ``{q: grade names}``, :attr:`RecordBuilder.named_grades <lineside.runtime.records.RecordBuilder.named_grades>`:
+    ``grade_<q>``, ``grade_name_<q>``, ``confidence_<q>``, ``p_<q>_<name>``), boxes, heatmap, mask, error."""
     cols = ["path"]
     if grades:
         cols += ["grade", "grade_name", "confidence", *[f"p_{n}" for n in class_names]]
+    for q, names in (named or {}).items():
+        cols += [f"grade_{q}", f"grade_name_{q}", f"confidence_{q}", *[f"p_{q}_{n}" for n in names]]
     return cols + (["boxes"] if boxes else []) + (["heatmap"] if heatmap else []) + (["mask"] if mask else []) + ["error"]
 
 
@@ -203,6 +211,8 @@ def score(
     intrinsics: str | os.PathLike | None = None,
     trust_checkpoint: bool = False,
     masks: str | os.PathLike | None = None,
+    tile: str | None = None,
+    grid: str | None = None,
 ) -> ScoreSummary:
     """Score inputs with a model (checkpoint, artefact or backend) and write/resume ``output`` (.csv or .parquet).
 
@@ -212,6 +222,8 @@ def score(
     ``heatmaps``: a folder for one heatmap PNG per image (column ``heatmap``).
     ``masks``: segmentation models: a folder for one class-index PNG per image (column ``mask``) and
     ``classes.json``. See the module docstring.
+    ``tile="cells"``: inputs are whole-module images, one row per module (:mod:`lineside.runtime.module_score`);
+    ``grid``: ``"6x10"`` rows x columns when known (default: found in each image).
     """
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".parquet"):
@@ -223,6 +235,14 @@ def score(
         from lineside.runtime.point_score import score_points
 
         return score_points(runner, inputs, output, overlays, batch_size, num_workers, retry_errors, progress, intrinsics)
+    if tile:  # whole-module images: one row per module, its cells scored as one batch (runtime/module_score.py)
+        from lineside.runtime.module_score import TILE_CHOICES, score_modules
+
+        if tile not in TILE_CHOICES:
+            raise InputError(f"--tile {tile!r}: choose one of {list(TILE_CHOICES)}")
+        if masks:
+            raise InputError("--masks writes one mask per cell image; it does not combine with --tile cells")
+        return score_modules(runner, inputs, output, overlays, heatmaps, grid, box_threshold, retry_errors, progress, num_workers)
     class_names = runner.class_names
     layout = OutputLayout.of(runner.output_specs, runner.metadata.get("box_class_names"))
     records = RecordBuilder(runner, box_threshold)
@@ -240,7 +260,7 @@ def score(
         folders = [os.path.abspath(d) + os.sep for d in (overlays, heatmaps, masks) if d]
         files = {os.path.abspath(output), os.path.abspath(str(output) + ".partial.csv"), os.path.abspath(str(output) + ".metrics.json")}
         paths = [p for p in paths if os.path.abspath(p) not in files and not any(os.path.abspath(p).startswith(f) for f in folders)]
-    columns = _columns(class_names, grading, "boxes" in records.has, bool(heatmaps), bool(masks))
+    columns = _columns(class_names, grading, "boxes" in records.has, bool(heatmaps), bool(masks), records.named_grades)
     heatmap_dir = Path(heatmaps) if heatmaps else None
     mask_dir = Path(masks) if masks else None
     if mask_dir is not None:

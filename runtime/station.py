@@ -356,6 +356,11 @@ class Station:
             ``promote_after`` labelled frames leads by ``margin`` (a ``promote`` record marks the switch).
         status_every: with ``shadow``: a ``station_status`` record every this many frames (0: none).
         model_names: the names of A and B in the records (default: their ``describe()``).
+        tile: ``"cells"``: frames are whole-module images; each becomes one record with a per-cell grid, its
+            cells scored as one batch (:mod:`lineside.runtime.module_score`); ``grid``: ``"6x10"`` when known.
+        observer: gets each batch's records with their frames (``observe(records, images)``) and the
+            active model's outputs (``outputs(frames, outputs)``), e.g. the operator page and metrics
+            (:mod:`lineside.runtime.operator_page`); it keeps references only and must not block.
     """
 
     def __init__(
@@ -379,6 +384,9 @@ class Station:
         margin: float = 0.0,
         status_every: int = 0,
         model_names: tuple[str, str] | None = None,
+        observer: Any = None,
+        tile: str | None = None,
+        grid: str | None = None,
     ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be at least 1, got {batch_max}")
@@ -400,6 +408,7 @@ class Station:
         self.shadow_tracker: ShadowTracker | None = None
         self.labels: LabelBook | None = None
         self.status_every = max(0, int(status_every))
+        self.observer = observer
         self._status_mark = 0
         if shadow is not None:
             check_shadow_pair(backend, shadow)
@@ -430,6 +439,13 @@ class Station:
         self.stopped_by: str | None = None
         self.source_error: str | None = None
         self._stop_time: float | None = None
+        self.tiler = None
+        if tile:  # whole-module frames: one record per module (runtime/module_score.py)
+            from lineside.runtime.module_score import TILE_CHOICES, ModuleTiler
+
+            if tile not in TILE_CHOICES or self.points:
+                raise ValueError(f"tile {tile!r}: {list(TILE_CHOICES)} cut module images for an image model")
+            self.tiler = ModuleTiler(grid)
 
     # -- control -----------------------------------------------------------------------------
     def stop(self, reason: str = "stop") -> None:
@@ -535,7 +551,12 @@ class Station:
         backend, decode = self.roles[role] if role else (self.backend, self.decode)
         t = time.perf_counter()
         try:
+            if self.tiler is not None:  # the cells of every module in the batch run as one batch
+                names = [f.path or f"{f.source}#{f.index}" for f in frames]
+                return list(self.tiler.records(backend, decode, [f.image for f in frames], names)), time.perf_counter() - t
             outputs = self._infer([f.image for f in frames], backend)
+            if role is None and self.observer is not None:
+                self.observer.outputs(frames, outputs)
             sizes = [f.image.shape[:2] for f in frames] if "boxes" in decode.has else None
             rows: list[dict | str] = list(decode(outputs, len(frames), sizes))
             return rows, time.perf_counter() - t
@@ -563,6 +584,7 @@ class Station:
                 self.timer.update(len(good), seconds)
             results = {id(f): r for f, r in zip(good, rows)}
         done = time.perf_counter()
+        images = [f.image for f in batch] if self.observer is not None else None
         records, latencies, errors, dropped = [], [], 0, 0
         for f in batch:
             latency = (done - f.arrival) * 1000.0
@@ -583,6 +605,8 @@ class Station:
             f.image = None
         self.writer.write(records)
         self.stats.add(latencies, errors, dropped, len(good))
+        if self.observer is not None:
+            self.observer.observe(records, images)
         if tracker is not None:
             self._after_batch(tracker)
 

@@ -285,3 +285,27 @@ def test_rtx_builds_the_multi_head_engine(builder_flavour, tmp_path: Path) -> No
     assert [o["name"] for o in r.metadata["outputs"]] == names
     assert {o["name"]: o["kind"] for o in r.metadata["outputs"]}["boxes"] == "box"
     assert r.metadata["box_class_names"] == ["crazing", "inclusion", "patches"] and r.path.stat().st_size > 0
+
+
+def test_rtx_builds_the_el_dual_engine(builder_flavour, tmp_path: Path) -> None:
+    """The EL dual model (grading + dense segmentation, one image encoder) in one graph: grade, grade
+    probabilities, grade heatmap, per-class defect masks and the defect heatmap; TensorRT's parser and
+    builder take the segmentation decoder too (TensorRT-RTX ahead of time on the CPU), and the metadata
+    records the mask classes and stride the records need for crack boxes."""
+    from lineside.export.checkpoint import LoadedModel
+    from lineside.fusion import FusionTransformer, GradingHead, InspectionModel
+    from lineside.fusion.segmentation_head import SegmentationHead
+    from lineside.vision import ImageEncoder
+
+    torch.manual_seed(0)
+    enc = ImageEncoder("test_efficientnet", 32, 1, feature_levels=[-1], pretrained=False, dense_levels=[1, 2, 3])
+    model = InspectionModel(enc, FusionTransformer(32, 1, 2, dropout=0.0), GradingHead(32, 4),
+                            heads={"segmentation": SegmentationHead(32, enc.map_channels, 4, decoder_dim=16)}).eval()
+    loaded = LoadedModel(model, ["ok", "mild", "moderate", "severe"], 64, 1, tasks=["grading", "segmentation"])
+    graph = export_onnx(loaded, tmp_path / "onnx", parity_images=0).path
+    r = build_engine(graph, tmp_path / "trt", "fp32", (1, 4, 8), flavour=builder_flavour)
+    names = ["grade_probs", "grade", "grade_heatmap", "defect_masks", "defect_heatmap"]
+    assert [o["name"] for o in r.metadata["outputs"]] == names
+    assert r.metadata["masks"]["defect_masks"]["class_names"] == ["dark_area", "crossing", "crack", "busbar"]
+    assert r.metadata["masks"]["defect_masks"]["stride"] in (2, 4)
+    assert r.metadata["task"] == "grading+segmentation" and r.path.stat().st_size > 10_000 and r.layers and r.layers > 50

@@ -5,6 +5,12 @@ Head :class:`~lineside.fusion.grading_head.GradingHead`, criterion
 decoder :class:`GradingDecoder` (``grade_probs``, ``grade`` and, on images, ``grade_heatmap``),
 metrics :class:`~lineside.fusion.grade_metrics.GradeMetrics` (those ``lineside score`` reports).
 Labels: batch key ``grade`` (B,) int64, -1 = unlabelled.
+
+Grading may repeat under names, one head and label space each (ELPV's four grades as ``grading/el``,
+the castings' two as ``grading/xray``): a named task reads ``grade/<name>`` (a multi-task data module
+puts a member's grades there, :class:`~lineside.fusion.multitask_datamodule.MemberLabels`), outputs
+``grade_probs_<name>`` / ``grade_<name>``, logs ``val/grading/<name>/acc`` … and records its grade
+names in the checkpoint as ``class_names_<name>``.
 """
 
 from __future__ import annotations
@@ -79,9 +85,10 @@ class GradingTask(Task):
     def configure(self, datamodule, stage: str, criterion: nn.Module, metrics) -> list[str]:
         k = self.head.num_grades
         if datamodule.num_classes != k:
+            where = self.slot if not self.qualified else f"heads.{self.name}"
             raise ValueError(
-                f"data {datamodule.source} has {datamodule.num_classes} classes {datamodule.class_names} but the grading head "
-                f"has {k} outputs: set model.init_args.model.init_args.{self.slot}.init_args.num_grades"
+                f"data {datamodule.source} has {datamodule.num_classes} classes {datamodule.class_names} but the {self.name} head "
+                f"has {k} outputs: set model.init_args.model.init_args.{where}.init_args.num_grades"
             )
         if stage == "fit":
             criterion.set_class_counts(datamodule.class_counts)
@@ -124,6 +131,13 @@ class GradingTask(Task):
                 w = csv.writer(fh)
                 w.writerow(["true\\pred", *label_names])
                 w.writerows([[n, *row] for n, row in zip(label_names, cm)])
+
+    def checkpoint_record(self, datamodule, settings: TaskSettings) -> dict[str, Any]:
+        """A named task's grade names (``class_names_xray``); the plain task's are ``class_names`` already."""
+        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+        if not self.qualified or names is None or getattr(datamodule, "task", "grading") != "grading":
+            return {}
+        return {"class_names" + self.suffix: list(names)}
 
     def predictions(self, decoded: dict[str, Tensor]) -> dict[str, Tensor]:
         out = super().predictions(decoded)

@@ -5,6 +5,7 @@
     lineside score --model best.ckpt --input cells/ --output results.csv
     lineside export onnx --model best.ckpt --out export/      # onnx | tensorrt | int8 | aoti | triton
     lineside station --model export/model.onnx --source /camera/drop --out results.jsonl
+    lineside serve --model export/model.onnx --replicas 2 --port 8000   # HTTP on Ray Serve
     lineside bench --model best.ckpt
     lineside elpv manifest --split test --out elpv_test.csv   # built-in EL data helpers
     lineside patch-memory fit --input good/ --out memory.pt   # good-only anomaly scores
@@ -39,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lineside.cli.bench:main", "format benchmark: parity, latency and throughput of every backend"),
     "elpv": ("lineside.cli.elpv:main", "built-in ELPV data helpers (manifest of a split)"),
     "patch-memory": ("lineside.cli.patch_memory:main", "good-only anomaly scores and heatmaps (PatchMemory)"),
+    "serve": ("lineside.cli.serve:main", "HTTP inspection endpoint on Ray Serve: dynamic batching, replicas, any backend"),
+    "prune": ("lineside.cli.prune:main", "structured pruning of the image backbone's channels (torch-pruning) → smaller .ckpt"),
 }
 
 EXPORT_FORMATS: dict[str, tuple[str, str]] = {

@@ -2,6 +2,7 @@
 
     lineside bench --model runs/quickstart/checkpoints/best.ckpt                        # CPU
     lineside bench --model best.ckpt --device cuda --input-size 300 --batch-size 144    # a GPU station: one module of 144 cells
+    lineside bench --model grader.ckpt --compare el_dual.ckpt --input-size 300        # two models side by side, same frames
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lineside.cli.common import CHECKPOINT_HELP, add_batch_size_arg, add_device_arg, add_model_arg, add_trust_checkpoint_arg
+import numpy as np
+
+from lineside.cli.common import CHECKPOINT_HELP, add_adapter_arg, add_batch_size_arg, add_device_arg, add_model_arg, add_trust_checkpoint_arg
 from lineside.runtime import bench as _bench
 
 __all__ = ["main", "build_parser"]
@@ -34,8 +37,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of the backend table: the share of grades that change under ±1 grey-level noise and a JPEG q95 "
                          "round trip (lineside.runtime.stability), on every ELPV test-block cell or the --calib images, "
                          "with --model's own backend (a checkpoint, .onnx, .pt2 or engine)")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+                    help="instead of the backend table: the throughput of --model and of these checkpoints (or artefacts) "
+                         "side by side on the same frames (--input-size, default the first model's), interleaved rounds, "
+                         "ratios to --model (e.g. the EL dual model beside the grading-only one)")
+    ap.add_argument("--rounds", type=int, default=5, help="--compare: interleaved rounds per model")
     add_trust_checkpoint_arg(ap)
+    add_adapter_arg(ap)
     return ap
+
+
+def _compare(a) -> int:
+    from lineside.export.calibration import real_images
+    from lineside.export.checkpoint import CheckpointError
+    from lineside.runtime.backend import BackendError
+    from lineside.runtime.open_model import open_model
+
+    backends = {}
+    try:
+        for path in [a.model, *a.compare]:
+            size = a.input_size or (next(iter(backends.values())).input_size if backends else None)
+            backends[str(path)] = open_model(path, "auto", a.device, size, trust_checkpoint=a.trust_checkpoint)
+    except (CheckpointError, BackendError) as exc:
+        print(f"lineside bench: error: {exc}", file=sys.stderr)
+        return 2
+    first = next(iter(backends.values()))
+    sizes = {tuple(b.input_size) for b in backends.values()}
+    if len(sizes) > 1:
+        print(f"lineside bench: error: the models take frames of different sizes {sorted(sizes)}; give --input-size HxW", file=sys.stderr)
+        return 2
+    frames, _ = real_images(a.calib, first.input_size, first.channels, a.batch_size, split="test")
+    if len(frames) < a.batch_size:
+        frames = np.concatenate([frames] * (a.batch_size // len(frames) + 1))[: a.batch_size]
+    rows = _bench.compare_throughput(backends, frames, a.rounds)
+    ctx = _bench._machine(a.device) | {"input_size": list(first.input_size), "batch": len(frames), "rounds": a.rounds,
+                                        "frames": "ELPV test blocks" if a.calib is None else a.calib, "backend": "each model's own backend"}
+    print(_bench.format_compare(rows, ctx))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"context": ctx, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    return 0
 
 
 def _stability(a) -> int:
@@ -46,7 +86,7 @@ def _stability(a) -> int:
     from lineside.runtime.backend import BackendError
 
     try:
-        backend = open_model(a.model, "auto", a.device, a.input_size, trust_checkpoint=a.trust_checkpoint)
+        backend = open_model(a.model, "auto", a.device, a.input_size, trust_checkpoint=a.trust_checkpoint, adapter=a.adapter)
     except (CheckpointError, BackendError) as exc:
         print(f"lineside bench: error: {exc}", file=sys.stderr)
         return 2
@@ -63,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if a.stability:
         return _stability(a)
+    if a.compare:
+        return _compare(a)
     only = [s.strip() for s in a.only.split(",")] if a.only else None
     if only:
         only.append("eager")

@@ -6,7 +6,8 @@ The same flag has the same name in every command:
 - ``--out`` (alias ``--output``): where the command writes its result;
 - ``--device``: ``cpu`` or ``cuda[:N]``;
 - ``--batch-size``: images per model call;
-- ``--trust-checkpoint``: load a checkpoint that a weights-only load refuses (trusted files only).
+- ``--trust-checkpoint``: load a checkpoint that a weights-only load refuses (trusted files only);
+- ``--adapter``: a LoRA adapter file merged into the checkpoint's weights (one base, one adapter per product).
 
 Each helper adds its flag to a parser (or an argument group / mutually exclusive group)
 and returns the action, so a command can still pass its own help text and default.
@@ -24,6 +25,7 @@ __all__ = [
     "add_batch_size_arg",
     "add_backend_arg",
     "add_trust_checkpoint_arg",
+    "add_adapter_arg",
     "MODEL_HELP",
     "CHECKPOINT_HELP",
 ]
@@ -76,3 +78,13 @@ def add_trust_checkpoint_arg(parser: Any, *, help: str = TRUST_CHECKPOINT_HELP, 
     """``--trust-checkpoint`` → ``args.trust_checkpoint`` (default False): checkpoints are read with
     ``weights_only=True`` (:func:`lineside.fusion.checkpoint_file.read_checkpoint`) unless it is given."""
     return parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true", help=help, **kwargs)
+
+
+ADAPTER_HELP = ("LoRA adapter (adapter.safetensors of a `lineside fit --model.adapter ...` run) merged into the checkpoint's "
+                "weights; refused when it was trained on another base. --model ADAPTER.safetensors alone uses the base it records")
+
+
+def add_adapter_arg(parser: Any, *, help: str = ADAPTER_HELP, **kwargs: Any) -> argparse.Action:
+    """``--adapter`` → ``args.adapter`` (default None), read by :func:`lineside.runtime.open_model.open_model`
+    and :func:`lineside.export.checkpoint.load_inspection_model` (:mod:`lineside.fusion.adapters`)."""
+    return parser.add_argument("--adapter", default=None, metavar="FILE", help=help, **kwargs)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lineside.cli.common import CHECKPOINT_HELP, add_device_arg, add_model_arg, add_out_arg, add_trust_checkpoint_arg
+from lineside.cli.common import CHECKPOINT_HELP, add_adapter_arg, add_device_arg, add_model_arg, add_out_arg, add_trust_checkpoint_arg
 from lineside.export.aoti import export_aoti
 from lineside.export.onnx_export import OPSET, export_onnx, parse_batch_sizes
 from lineside.export.parity import parse_tolerance
@@ -27,6 +27,19 @@ from lineside.export.triton import LABELS_FILE, _ints, write_repository
 from lineside.runtime.verify import verify_artefact
 
 __all__ = ["onnx_main", "tensorrt_main", "int8_main", "aoti_main", "triton_main"]
+
+
+def _with_adapter(model: str, adapter: str | None, trust_checkpoint: bool):
+    """``--model`` as given, or base + LoRA adapter merged (``--adapter``, or ``--model ADAPTER.safetensors``)."""
+    if str(model).lower().endswith(".safetensors"):
+        from lineside.runtime.open_model import _adapter_base
+
+        model, adapter = _adapter_base(model), model
+    if not adapter:
+        return model
+    from lineside.export.checkpoint import load_inspection_model
+
+    return load_inspection_model(model, trust_checkpoint=trust_checkpoint, adapter=adapter)
 
 
 def _doc(module: str) -> str:
@@ -92,12 +105,15 @@ def onnx_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     ap.add_argument("--text", default=None, help="models with a text encoder: the prompt baked into the graph (default: no text)")
     add_trust_checkpoint_arg(ap)
+    add_adapter_arg(ap, help="LoRA adapter (adapter.safetensors) merged into the graph's weights; parity is checked on the "
+                    "merged model. --model ADAPTER.safetensors alone uses the base it records")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        r = export_onnx(a.model, a.out, a.input_size, parse_batch_sizes(a.batch_sizes), a.fp16, a.opset, a.calib,
+        source = _with_adapter(a.model, a.adapter, a.trust_checkpoint)
+        r = export_onnx(source, a.out, a.input_size, parse_batch_sizes(a.batch_sizes), a.fp16, a.opset, a.calib,
                         a.parity_images, a.tta, not a.no_simplify, a.text, verify=verify_artefact, trust_checkpoint=a.trust_checkpoint,
                         tolerance=a.parity_tolerance)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -184,20 +200,36 @@ def int8_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,8,32", help="with --model: batch sizes recorded in the metadata")
     add_trust_checkpoint_arg(ap, help="the checkpoint (--model, or with --onnx the source checkpoint its metadata names) may "
                              "load as a full pickle when a weights-only load refuses it; only for a file from a trusted source")
+    ap.add_argument("--post-training", action="store_true",
+                    help="a quantization-aware-trained checkpoint (configs/quickstart_qat.yaml) is exported at the scales it "
+                    "learnt (lineside.export.qat_export); this flag calibrates it after training instead, as a float model")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        r = export_int8(a.model, a.onnx, a.out, a.calib, a.calib_images, a.parity_images,
-                        [f.strip() for f in a.formats.split(",") if f.strip()], a.method, a.input_size, parse_batch_sizes(a.batch_sizes),
-                        a.float_convs, verify=verify_artefact, trust_checkpoint=a.trust_checkpoint, tolerance=a.parity_tolerance)
+        if a.model and not a.post_training and _is_qat_checkpoint(a.model, a.trust_checkpoint):
+            from lineside.export.qat_export import export_qat
+
+            r = export_qat(a.model, a.out, [f.strip() for f in a.formats.split(",") if f.strip()], a.input_size,
+                           parse_batch_sizes(a.batch_sizes), a.calib, a.parity_images, verify_artefact, a.trust_checkpoint,
+                           a.parity_tolerance, a.calib_images)
+            print("quantization-aware-trained checkpoint: INT8 graphs at the scales it learnt")
+        else:
+            r = export_int8(a.model, a.onnx, a.out, a.calib, a.calib_images, a.parity_images,
+                            [f.strip() for f in a.formats.split(",") if f.strip()], a.method, a.input_size, parse_batch_sizes(a.batch_sizes),
+                            a.float_convs, verify=verify_artefact, trust_checkpoint=a.trust_checkpoint, tolerance=a.parity_tolerance)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"lineside export int8: error: {exc}", file=sys.stderr)
         return 1
     src_mb = r.source.stat().st_size / 1e6
     cal = r.calibration
-    print(f"calibrated on {cal['n_images']} real frames ({cal['source']}, {cal['method']}) in {r.seconds:.1f} s")
+    if cal.get("method") == "qat":  # Q/DQ at the learnt scales; QOperator activations calibrated
+        act = cal.get("qoperator_activations") or {}
+        print("Q/DQ at the scales learnt in QAT" + (f"; QOperator activations calibrated on {act['n_images']} real frames "
+              f"({act['source']})" if act else "") + f" in {r.seconds:.1f} s")
+    else:
+        print(f"calibrated on {cal['n_images']} real frames ({cal['source']}, {cal['method']}) in {r.seconds:.1f} s")
     print(f"  {'graph':<24} {'for':<16} {'MB':>6} {'vs fp32':>8}  quantized ops")
     print(f"  {r.source.name:<24} {'(fp32 source)':<16} {src_mb:>6.2f} {'1.00x':>8}")
     for fmt, path in r.paths.items():
@@ -214,6 +246,15 @@ def int8_main(argv: list[str] | None = None) -> int:
                 _parity_failed("int8", f"{r.paths[fmt].name} disagrees with the trained model beyond the int8 limits", report)
         return 1
     return 0
+
+
+def _is_qat_checkpoint(path: str, trust_checkpoint: bool) -> bool:
+    """Does the checkpoint carry the quantizers of a quantization-aware training (:mod:`lineside.fusion.qat`)?"""
+    from lineside.fusion.checkpoint_file import read_checkpoint
+    from lineside.fusion.qat import QAT_KEY
+
+    ckpt = read_checkpoint(str(path), "cpu", trust_checkpoint)
+    return isinstance(ckpt, dict) and bool(ckpt.get(QAT_KEY))
 
 
 # -- lineside export aoti ------------------------------------------------------------

@@ -7,6 +7,10 @@
         --opcua opc.tcp://plc:4840 --opcua-node "ns=2;s=Line3.Decision" --webhook http://mes/api/inspections
     lineside station --model v3.onnx --shadow v4.onnx --source /camera/drop --out r.jsonl \
         --labels /line3/labels/ --promote-after 200 --margin 0.05
+    lineside station --model model.onnx --source /camera/drop --out r.jsonl --http 127.0.0.1:8080 --labels labels.csv
+
+``--http HOST:PORT`` serves the operator page (``/``), Prometheus metrics (``/metrics``) and health
+(``/health``) beside the loop (:mod:`lineside.runtime.operator_page`); the page's labels go to ``--labels``.
 
 SIGINT/SIGTERM: the batch in flight and the frames already arrived are finished and written, the
 summary printed, exit 0 (a second signal writes the frames still queued as errors and leaves).
@@ -29,15 +33,19 @@ from lineside.cli.common import (
     add_device_arg,
     add_model_arg,
     add_out_arg,
+    add_adapter_arg,
     add_trust_checkpoint_arg,
 )
 from lineside.runtime.backend import BackendError
 from lineside.runtime.open_model import open_model
 from lineside.runtime.shadow import check_shadow_pair
 from lineside.runtime.detections import BOX_SCORE_THRESHOLD
+from lineside.runtime.module_score import grid_arg
 from lineside.runtime.sinks import check_sink_args, default_spool_dir, open_sinks
 from lineside.runtime.sources import FolderSource, SourceError, open_source
 from lineside.runtime.station import Station, recorded_paths
+
+DEFAULT_LABELS_SUFFIX = ".labels.csv"  # --http without --labels: results.jsonl → results.labels.csv
 
 __all__ = ["main", "build_parser"]
 
@@ -70,16 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoders", type=int, default=2, help="threads decoding image files (default 2)")
     ap.add_argument("--queue-size", type=int, default=None, help="decoded frames that may wait (default 4 x batch size)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches (the first batches then run without a time estimate)")
+    ap.add_argument("--tile", default=None, choices=["cells"], help="cells: frames are whole-module EL images; one record per "
+                    "module with a per-cell grid, its cells scored as one batch (see docs/modules.md)")
+    ap.add_argument("--grid", default=None, type=grid_arg, metavar="ROWSxCOLS", help="with --tile cells: the module's cell grid, e.g. 6x10 "
+                    "(either orientation; default: found in each frame)")
     add_trust_checkpoint_arg(ap)
+    add_adapter_arg(ap)
     ab = ap.add_argument_group("A/B shadow", "a second model on every frame beside --model; only the active model's decision goes to the line")
     ab.add_argument("--shadow", default=None, metavar="MODEL", help="the shadow model (B), opened as --model is; it must take the same inputs and classes")
     ab.add_argument("--labels", default=None, metavar="FILE_OR_DIR",
-                    help="operator labels: a CSV of path,label (class name or index) or a folder of them, re-read when they change")
+                    help="operator labels: a CSV of path,label (class name or index) or a folder of them, re-read when they change; "
+                    "with --http the operator page appends its labels here (a folder: operator.csv in it)")
     ab.add_argument("--promote-after", type=int, default=0, metavar="N",
                     help="switch: the shadow becomes active when it leads over the last N labelled frames (0: never; default 0)")
     ab.add_argument("--margin", type=float, default=0.0, metavar="M", help="the accuracy lead (0-1) the shadow needs to be promoted (default 0: any lead)")
     ab.add_argument("--status-every", type=int, default=500, metavar="N",
                     help="a station_status record (accuracy, agreement) every N frames (0: only at switches and the end; default 500)")
+    op = ap.add_argument_group("operator page and metrics")
+    op.add_argument("--http", default=None, metavar="HOST:PORT",
+                    help="serve the operator page (/), Prometheus metrics (/metrics) and health (/health) here, e.g. 127.0.0.1:8080 "
+                    f"(port 0: a free one, printed); labels go to --labels (default: beside --out, results{DEFAULT_LABELS_SUFFIX})")
+    op.add_argument("--page-frames", type=int, default=24, metavar="N", help="frames the operator page shows (default 24)")
     sinks = ap.add_argument_group("sinks", "records to the line as well, each sink behind its own on-disk spool: sent in order, "
                                   "at least once (de-duplicate on the record's seq), queued on disk while the far end is down")
     sinks.add_argument("--mqtt", action="append", default=[], metavar="URL",
@@ -102,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch-size must be at least 1")
     if a.latency_budget_ms < 0 or a.report_every < 0 or a.decoders < 0:
         ap.error("--latency-budget-ms, --report-every and --decoders must not be negative")
-    if (a.labels or a.promote_after) and not a.shadow:
-        ap.error("--labels and --promote-after compare two models: give --shadow too")
+    if (a.promote_after or (a.labels and not a.http)) and not a.shadow:
+        ap.error("--labels and --promote-after compare two models: give --shadow too (or --http, whose page writes --labels)")
+    if a.page_frames < 1:
+        ap.error("--page-frames must be at least 1")
+    if a.http and not a.labels and a.out != "-":
+        a.labels = os.path.splitext(a.out)[0] + DEFAULT_LABELS_SUFFIX
     if a.promote_after < 0 or not 0 <= a.margin <= 1 or a.status_every < 0:
         ap.error("--promote-after and --status-every must not be negative, --margin is between 0 and 1")
 
@@ -126,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = None
         sinks: list = []
+        page = None
         try:  # the source first: a wrong folder, URL or camera set-up fails before the model loads
             check_sink_args(a.mqtt, a.opcua, a.opcua_node, a.webhook)
+            if a.http:
+                from lineside.runtime.operator_page import open_operator_page, parse_http_address
+
+                parse_http_address(a.http)
             done = recorded_paths(a.out) if a.out != "-" and a.existing == "process" else set()
             source = open_source(
                 a.source,
@@ -140,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                 cti=a.cti,
                 pace=a.realtime,
             )
-            backend = open_model(a.model, a.backend, a.device, trust_checkpoint=a.trust_checkpoint)
+            backend = open_model(a.model, a.backend, a.device, trust_checkpoint=a.trust_checkpoint, adapter=a.adapter)
             shadow = open_model(a.shadow, a.backend, a.device, trust_checkpoint=a.trust_checkpoint) if a.shadow else None
+            if a.http:  # binds the port now (a taken one fails here) and creates the labels file
+                station_of = holder.get
+                page = open_operator_page(backend, a.http, a.labels, a.page_frames,
+                                          running=lambda: station_of("station") is not None and not station_of("station").stopping)
             if shadow is not None:  # a mismatch fails here, before the sinks connect
                 check_shadow_pair(backend, shadow)
                 if a.labels and not os.path.exists(a.labels):
@@ -157,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         except (BackendError, SourceError, OSError, ValueError, RuntimeError, ImportError) as exc:
             if source is not None:
                 source.close()
+            if page is not None:
+                page.close()
             print(f"lineside station: error: {exc}", file=sys.stderr)
             return 2
         station = Station(
@@ -173,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             intrinsics=a.intrinsics,
             sinks=sinks,
             shadow=shadow,
-            labels=a.labels,
+            labels=a.labels if shadow is not None else None,
             promote_after=a.promote_after,
             margin=a.margin,
             status_every=a.status_every,
             model_names=(a.model, a.shadow) if shadow is not None else None,
+            observer=page.state if page is not None else None,
+            tile=a.tile,
+            grid=a.grid,
         )
         holder["station"] = station
         if holder["signal"]:
@@ -206,7 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"station: warm-up: batch of 1 {t1:.1f} ms, of {station.batch_max} {tn:.1f} ms", file=sys.stderr, flush=True)
             if a.latency_budget_ms and t1 > a.latency_budget_ms:
                 print(f"station: warning: one frame takes {t1:.1f} ms, over the {a.latency_budget_ms:g} ms budget", file=sys.stderr, flush=True)
-        summary = station.run()
+        if page is not None:
+            page.start()
+            labels_to = page.state.label_file.path if page.state.label_file is not None else "nowhere (no --labels)"
+            print(f"station: operator page {page.url}/ (metrics {page.url}/metrics, health {page.url}/health); labels → {labels_to}",
+                  file=sys.stderr, flush=True)
+        try:
+            summary = station.run()
+        finally:
+            if page is not None:
+                page.close()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
