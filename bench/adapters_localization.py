@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -34,25 +32,13 @@ from lineside.runtime.verify import verify_artefact
 from lineside.vision.io import read_image
 from lineside.vision.preprocess import frames_to_batch
 
+from _runs import interleaved_latency  # noqa: E402  (bench/_runs.py)
+
 
 def test_frames(size: int, channels: int, n: int) -> np.ndarray:
     dm = SegmentationDataModule(dataset="el_cracks", image_size=size, channels=channels)
     records = dm.prepare_splits()["test"][:n]
     return frames_to_batch([read_image(r.path, channels) for r in records], (size, size))
-
-
-def latency(backends: dict, images: np.ndarray, rounds: int) -> dict[str, float]:
-    for b in backends.values():
-        for i in range(3):
-            b({"image": np.ascontiguousarray(images[i % len(images)][None])})
-    times: dict[str, list[float]] = {k: [] for k in backends}
-    for r in range(rounds):
-        x = np.ascontiguousarray(images[r % len(images)][None])
-        for k, b in backends.items():
-            t0 = time.perf_counter()
-            b({"image": x})
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -77,7 +63,7 @@ def main() -> None:
         results[name] = {"checkpoint": ckpt, "params": count_parameters(loaded.model), "onnx_mb": r.path.stat().st_size / 1e6}
         print(name, results[name], flush=True)
     images = test_frames(size, channels, a.frames)
-    for name, t in latency(backends, images, a.rounds).items():
+    for name, t in interleaved_latency(backends, images, a.rounds).items():
         results[name]["latency_b1_ms"] = t * 1e3
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -15,41 +15,15 @@ Prints the table and writes it as JSON (``--json``). Machine-dependent: quote it
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from _runs import run_lineside, test_metrics  # noqa: E402  (bench/_runs.py)
 OLD = ["crazing", "inclusion", "patches"]
 NEW = ["pitted_surface", "rolled-in_scale", "scratches"]
-
-
-def _lineside(args: list[str], log: Path) -> float:
-    """Run ``lineside ARGS`` (same interpreter), output to ``log``; seconds of wall time."""
-    cmd = [sys.executable, "-c", "import sys; from lineside.cli import main; sys.exit(main())", *args]
-    t0 = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    if rc:
-        tail = "".join(open(log).readlines()[-15:])
-        raise SystemExit(f"lineside {' '.join(args[:3])} … failed (exit {rc}); log {log}:\n{tail}")
-    return time.time() - t0
-
-
-def _test_metrics(run: Path) -> dict[str, float]:
-    """The test row of the newest logs/version_N/metrics.csv of ``run``."""
-    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    for v in reversed(versions):
-        f = v / "metrics.csv"
-        if f.is_file():
-            rows = [r for r in csv.DictReader(open(f)) if any(k.startswith("test/") and r[k] for k in r)]
-            if rows:
-                return {k: float(v) for k, v in rows[-1].items() if k.startswith("test/") and v}
-    raise SystemExit(f"{run}: no test metrics found")
 
 
 def _map(metrics: dict[str, float], classes: list[str]) -> float:
@@ -80,12 +54,12 @@ def main() -> None:
     step1 = out / "step1"
     if not a.skip_step1:
         print(f"step 1: {OLD} …", flush=True)
-        times["step1"] = _lineside(["fit", "--config", "configs/neu_det_step1.yaml", "--trainer.default_root_dir", str(step1),
+        times["step1"] = run_lineside(["fit", "--config", "configs/neu_det_step1.yaml", "--trainer.default_root_dir", str(step1),
                                     "--trainer.max_epochs", str(a.step1_epochs), *common], out / "step1_fit.log")
     ckpt1 = step1 / "checkpoints" / "last.ckpt"
     if not (a.skip_step1 and (out / "step1_test.log").is_file()):
-        _lineside(["test", "--config", "configs/neu_det_step1.yaml", "--ckpt_path", str(ckpt1), *data], out / "step1_test.log")
-    m1 = _test_metrics(step1)
+        run_lineside(["test", "--config", "configs/neu_det_step1.yaml", "--ckpt_path", str(ckpt1), *data], out / "step1_test.log")
+    m1 = test_metrics(step1)
     old_after_1 = _map(m1, OLD)
     print(f"step 1: old-class mAP@0.5 {old_after_1:.3f} ({times.get('step1', 0):.0f} s)", flush=True)
     variants = {
@@ -100,18 +74,18 @@ def main() -> None:
     for name in a.only.split(","):
         run = out / (f"{name}_l{a.ewc_weight:g}" if "ewc" in name else name)
         print(f"step 2: {labels[name]} …", flush=True)
-        times[name] = _lineside(["fit", "--config", "configs/neu_det_step2.yaml", "--trainer.default_root_dir", str(run),
+        times[name] = run_lineside(["fit", "--config", "configs/neu_det_step2.yaml", "--trainer.default_root_dir", str(run),
                                  "--trainer.max_epochs", str(a.step2_epochs), "--trainer.callbacks.init_args.checkpoint", str(ckpt1),
                                  *variants[name], *common], out / f"{run.name}_fit.log")
-        _lineside(["test", "--config", "configs/neu_det_step2.yaml", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *data],
+        run_lineside(["test", "--config", "configs/neu_det_step2.yaml", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *data],
                   out / f"{run.name}_test.log")
-        m = _test_metrics(run)
+        m = test_metrics(run)
         rows.append({"variant": labels[name], "old_map50_step1": old_after_1, "old_map50": _map(m, OLD), "new_map50": _map(m, NEW),
                      "map50_all": m.get("test/map_50"), "fit_s": times[name],
                      "ap50": {c: m.get(f"test/ap_50/{c}") for c in OLD + NEW}})
         print(f"  old {rows[-1]['old_map50']:.3f}  new {rows[-1]['new_map50']:.3f}  ({times[name]:.0f} s)", flush=True)
     print("\nNEU-DET continual learning, test split (240 images), mAP@0.5")
-    print(f"| step 2 recipe | old classes after step 1 | old classes after step 2 | new classes after step 2 | fit time |")
+    print("| step 2 recipe | old classes after step 1 | old classes after step 2 | new classes after step 2 | fit time |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['old_map50_step1']:.3f} | {r['old_map50']:.3f} | {r['new_map50']:.3f} | {r['fit_s']:.0f} s |")

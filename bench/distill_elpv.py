@@ -16,37 +16,13 @@ student's backbone from the teacher's (both are EfficientNet-Lite0) instead of I
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _lineside(args: list[str], log: Path) -> float:
-    cmd = [sys.executable, "-c", "import sys; from lineside.cli import main; sys.exit(main())", *args]
-    t0 = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    if rc:
-        tail = "".join(open(log).readlines()[-15:])
-        raise SystemExit(f"lineside {' '.join(args[:3])} … failed (exit {rc}); log {log}:\n{tail}")
-    return time.time() - t0
-
-
-def _test_metrics(run: Path) -> dict[str, float]:
-    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    for v in reversed(versions):
-        f = v / "metrics.csv"
-        if f.is_file():
-            rows = [r for r in csv.DictReader(open(f)) if any(k.startswith("test/") and r[k] for k in r)]
-            if rows:
-                return {k: float(x) for k, x in rows[-1].items() if k.startswith("test/") and x}
-    raise SystemExit(f"{run}: no test metrics found")
+from _runs import run_lineside, test_metrics  # noqa: E402  (bench/_runs.py)
 
 
 def _teacher_backbone(teacher: Path, out: Path) -> Path:
@@ -100,18 +76,18 @@ def main() -> None:
         if a.init_from_teacher:
             extra = ["--model.model.init_args.image_encoder.init_args.weights_path", str(_teacher_backbone(teacher, out))]
         print(f"fit: {a.student_name} …", flush=True)
-        fit_s = _lineside(["fit", "--config", a.student_config, "--trainer.default_root_dir", str(student_run), "--overwrite", "true",
+        fit_s = run_lineside(["fit", "--config", a.student_config, "--trainer.default_root_dir", str(student_run), "--overwrite", "true",
                            "--model.distill.teacher", str(teacher), *extra], out / f"{a.student_name}_fit.log")
     student = student_run / "checkpoints" / "best.ckpt"
     results = {}
     for name, config, ckpt in (("teacher", a.teacher_config, teacher), (a.student_name, a.student_config, student)):
         if not (name == "teacher" and a.reuse_teacher_test):
             print(f"test: {name} …", flush=True)
-            _lineside(["test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out / f"{name}_test")],
+            run_lineside(["test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out / f"{name}_test")],
                       out / f"{name}_test.log")
-        m = _test_metrics(out / f"{name}_test")
+        m = test_metrics(out / f"{name}_test")
         print(f"bench: {name} …", flush=True)
-        _lineside(["bench", "--model", str(ckpt), "--only", "onnxruntime fp32", "--input-size", a.input_size,
+        run_lineside(["bench", "--model", str(ckpt), "--only", "onnxruntime fp32", "--input-size", a.input_size,
                    "--batch-size", a.batch_size, "--json", str(out / f"{name}_bench.json")], out / f"{name}_bench.log")
         ort = _ort_row(out / f"{name}_bench.json")
         results[name] = {"checkpoint": str(ckpt), "acc": m["test/acc"], "macro_f1": m["test/macro_f1"],

@@ -21,8 +21,6 @@ import argparse
 import csv
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -36,6 +34,8 @@ from lineside.runtime import OnnxRuntimeBackend
 from lineside.vision.el_cracks import EL_CRACK_CLASSES, read_mask
 from lineside.vision.io import read_image
 from lineside.vision.preprocess import frames_to_batch
+
+from _runs import interleaved_latency  # noqa: E402  (bench/_runs.py)
 from tqdm import tqdm
 
 FOREGROUND = list(EL_CRACK_CLASSES[1:])  # dark_area, crossing, crack, busbar (mask values 1..4)
@@ -65,20 +65,6 @@ def score(backend, frames: np.ndarray, masks: torch.Tensor, batch: int) -> dict[
         metrics.update(torch.from_numpy(np.asarray(out["defect_masks"])), torch.from_numpy(np.asarray(out["defect_heatmap"])),
                        masks[i:i + batch])
     return metrics.compute()
-
-
-def latency(backends: dict, frames: np.ndarray, rounds: int) -> dict[str, float]:
-    for b in backends.values():
-        for i in range(3):
-            b({"image": np.ascontiguousarray(frames[i % len(frames)][None])})
-    times: dict[str, list[float]] = {k: [] for k in backends}
-    for r in range(rounds):
-        x = np.ascontiguousarray(frames[r % len(frames)][None])
-        for k, b in backends.items():
-            t0 = time.perf_counter()
-            b({"image": x})
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -111,7 +97,7 @@ def main() -> None:
     for name, b in backends.items():
         results[name] = {"onnx": graphs[name], "onnx_mb": Path(graphs[name]).stat().st_size / 1e6, **score(b, frames, masks, a.batch)}
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}, flush=True)
-    for name, t in latency(backends, frames, a.rounds).items():
+    for name, t in interleaved_latency(backends, frames, a.rounds).items():
         results[name]["latency_b1_ms"] = t * 1e3
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
