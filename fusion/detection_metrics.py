@@ -41,6 +41,8 @@ class BoxMeanAP(nn.Module):
         score_threshold: predictions scoring below it are ignored (0 keeps all K).
         max_detections: COCO's max detections per image (≥ the decoder's K keeps them all).
         backend: ``"faster_coco_eval"`` / ``"pycocotools"``; default the installed one.
+        extra_iou_thresholds: more single-threshold APs, each as ``map_<100·t>`` (e.g. 0.33 → ``map_33``, the
+            DeepPCB benchmark's own criterion: a detection counts at IoU > 0.33) with ``ap_<100·t>/<class>``.
 
     Shapes:
         update: boxes (N, K, 4) xyxy, box_scores (N, K), box_labels (N, K) from the decoder;
@@ -57,6 +59,7 @@ class BoxMeanAP(nn.Module):
         score_threshold: float = 0.0,
         max_detections: int = 100,
         backend: str | None = None,
+        extra_iou_thresholds: Sequence[float] = (),
     ) -> None:
         super().__init__()
         self.class_names = list(class_names)
@@ -69,10 +72,25 @@ class BoxMeanAP(nn.Module):
             extended_summary=True,
             backend=backend or coco_backend(),
         )
+        self.extra = nn.ModuleDict()
+        for t in extra_iou_thresholds:
+            if not 0.0 < float(t) < 1.0:
+                raise ValueError(f"extra_iou_thresholds: {t} is not an IoU in (0, 1)")
+            self.extra[str(round(float(t) * 100))] = MeanAveragePrecision(
+                box_format="xyxy",
+                iou_type="bbox",
+                iou_thresholds=[float(t)],
+                max_detection_thresholds=[1, 10, max_detections],
+                class_metrics=True,
+                extended_summary=True,
+                backend=backend or coco_backend(),
+            )
         self.max_detections = max_detections
 
     def reset(self) -> None:
         self.metric.reset()
+        for m in self.extra.values():
+            m.reset()
 
     @torch.no_grad()
     def update(
@@ -95,6 +113,8 @@ class BoxMeanAP(nn.Module):
             targets.append({"boxes": target_boxes[i][real].float().cpu(), "labels": target_labels[i][real].long().cpu()})
         if preds:
             self.metric.update(preds, targets)
+            for m in self.extra.values():
+                m.update(preds, targets)
 
     def compute(self) -> dict[str, float]:
         r = self.metric.compute()
@@ -107,6 +127,13 @@ class BoxMeanAP(nn.Module):
             p = precision[0, :, j, 0, -1]
             out[f"ap_50/{name}"] = float(p[p > -1].mean()) if bool((p > -1).any()) else -1.0
             out[f"ap/{name}"] = float(per_class[j]) if j < len(per_class) else -1.0
+        for key, m in self.extra.items():
+            r = m.compute()
+            out[f"map_{key}"] = float(r["map"])
+            for j, c in enumerate(r["classes"].reshape(-1).tolist()):
+                name = self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+                p = r["precision"][0, :, j, 0, -1]
+                out[f"ap_{key}/{name}"] = float(p[p > -1].mean()) if bool((p > -1).any()) else -1.0
         return out
 
 
@@ -205,7 +232,8 @@ class PerRegionOverlap(nn.Module):
     def _bins(self, values: np.ndarray) -> np.ndarray:
         # thresholds uniform in logit space (|logit| <= 12): defect heatmaps of rare defects put
         # almost every pixel below 0.01, where uniform probability bins would merge them all
-        logit = np.log(np.clip(values, 1e-12, 1.0)) - np.log1p(-np.clip(values, 0.0, 1.0 - 1e-12))
+        v = np.asarray(values, dtype=np.float64)  # float32 rounds 1 - 1e-12 to 1: log1p(-1) = -inf
+        logit = np.log(np.clip(v, 1e-12, 1.0)) - np.log1p(-np.clip(v, 0.0, 1.0 - 1e-12))
         t = (np.clip(logit, -12.0, 12.0) + 12.0) / 24.0
         return np.clip((t * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
 

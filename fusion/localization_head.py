@@ -17,8 +17,9 @@ pixels, boxes xyxy pixel-edge coordinates):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lineside.fusion.fusion_transformer import FusionOutput
@@ -64,12 +65,18 @@ class LocalizationHead(nn.Module):
         hidden: channels of the conv tower (default ``embed_dim``).
         num_convs: 3×3 conv + GroupNorm + GELU blocks in the shared tower.
         size_prior: box side (model-input pixels) the size branch starts at.
+        in_channels: channels of the image encoder's backbone maps (``ImageEncoder(dense_levels=…)``,
+            ``EncoderOutput.maps``, finest first; ``ImageEncoder.map_channels``) for a multi-scale
+            grid: the fused tokens of ``level_index`` walk down those maps FPN-style (upsample, add a
+            1×1 lateral of the map) before the tower, so the head predicts on the finest map's grid
+            (stride ``ImageEncoder.map_strides[0]``, e.g. 8 with ``dense_levels: [2]`` on
+            EfficientNet) with the fused context of the coarser level. () = the level's own grid.
 
     Shapes:
         forward: :class:`FusionOutput` (tokens (B, L, D), ``spans["image"] = (start, end)``) and the
         image :class:`EncoderOutput` (``levels`` = ((h, w), …)) → :class:`LocalizationOutput` with
         heatmap (B, C, h, w), size (B, 2, h, w), offset (B, 2, h, w), defect (B, 1, h, w), where
-        (h, w) = ``levels[level_index]``.
+        (h, w) = ``levels[level_index]`` (with ``in_channels``: the finest map's (H/s, W/s)).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class LocalizationHead(nn.Module):
         hidden: int | None = None,
         num_convs: int = 2,
         size_prior: float = 32.0,
+        in_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         hidden = hidden or embed_dim
@@ -92,6 +100,9 @@ class LocalizationHead(nn.Module):
             layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.GroupNorm(math.gcd(32, hidden), hidden), nn.GELU()]
             c = hidden
         self.tower = nn.Sequential(*layers)
+        self.in_channels = [int(ch) for ch in in_channels]
+        if self.in_channels:  # only then: single-level heads keep their parameters (and checkpoints)
+            self.lateral = nn.ModuleList(nn.Conv2d(ch, embed_dim, kernel_size=1) for ch in self.in_channels)
         self.heatmap = _branch(c, num_classes, HEATMAP_PRIOR_BIAS)
         self.size = _branch(c, 2, math.log(size_prior))
         self.offset = _branch(c, 2, 0.5)
@@ -101,8 +112,22 @@ class LocalizationHead(nn.Module):
         """The fused tokens of ``level_index``: ((B, h·w, D), h, w)."""
         return level_tokens(fused, image, self.level_index)
 
+    def grid_stride(self, image_encoder) -> float:
+        """Model-input pixels per cell of this head's grid for ``image_encoder`` (an ``ImageEncoder``)."""
+        if self.in_channels:
+            return float(image_encoder.map_strides[0])
+        return float(image_encoder.strides[self.level_index])
+
     def forward(self, fused: FusionOutput, image) -> LocalizationOutput:
         tokens, h, w = self.level_tokens(fused, image)
         x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        if self.in_channels:
+            maps = tuple(image.maps)
+            if len(maps) != len(self.in_channels) or any(int(m.shape[1]) != ch for m, ch in zip(maps, self.in_channels)):
+                raise ValueError(f"LocalizationHead expects encoder maps with channels {self.in_channels}, got "
+                                 f"{[int(m.shape[1]) for m in maps]}: match ImageEncoder dense_levels and the head's in_channels")
+            for m, lateral in zip(reversed(maps), reversed(self.lateral)):  # coarse → fine
+                x = F.interpolate(x, size=(int(m.shape[-2]), int(m.shape[-1])), mode="bilinear", align_corners=False)
+                x = x + lateral(m.float().contiguous())
         x = self.tower(x)
         return LocalizationOutput(self.heatmap(x), self.size(x), self.offset(x), self.defect(x))

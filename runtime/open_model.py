@@ -100,10 +100,21 @@ def open_model(
     A checkpoint is read with ``weights_only=True``; ``trust_checkpoint`` (``--trust-checkpoint``)
     lets one that this refuses load as a full pickle. ``adapter``: a LoRA adapter file
     (``adapter.safetensors``) merged into the checkpoint's weights; ``model`` may also be the adapter
-    file itself, whose record names its base checkpoint.
+    file itself, whose record names its base checkpoint. A grasp ranker file (``GraspRanker.save``,
+    recognised by its content) runs as a :class:`~lineside.runtime.ranker_backend.RankerBackend`.
     """
     if isinstance(model, Backend):
         return model
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model) and not str(model).lower().endswith((".onnx", ".pt2", ".engine", ".plan")):
+        from lineside.fusion.grasp_ranker import is_ranker_file  # a station on an exported artefact skips this import
+
+        if is_ranker_file(model):  # a grasp ranker file (GraspRanker.save), recognised by its content
+            if input_size or tta_views or text or adapter or backend not in ("auto", "torch"):
+                raise InputError(f"{model}: a grasp ranker file runs as it is; --input-size, --tta, --text, --adapter and "
+                                 f"--backend {backend} do not apply")
+            from lineside.runtime.ranker_backend import RankerBackend
+
+            return RankerBackend(model, device)
     from lineside.export.checkpoint import LoadedModel, load_inspection_model
     from lineside.export.deployable import build_deployable, parse_size
     from lineside.runtime.torch_backend import TorchBackend

@@ -3,6 +3,7 @@
     lineside score --model runs/parts_grasp/checkpoints/best.ckpt --input scans/ --output grasps.csv --overlays ov/
     lineside score --model export/grasp/model.onnx --input "line3/*.ply" --output grasps.parquet
     lineside score --model export/grasp/ --input depth/ --intrinsics camera.json --output grasps.csv
+    lineside score --model runs/grasp_ranker/ranker_procedural.pt --input scans/ --output grasps.csv  # a grasp ranker file
 
 :func:`lineside.runtime.score.score` hands a model that takes ``points`` here. Inputs are
 ``.ply``/``.pcd``/``.xyz``/``.npy`` clouds in metres, or depth images (16-bit PNG in mm, float32
@@ -173,10 +174,18 @@ def score_points(
             if good:
                 try:
                     out = runner(stack_inputs([items[i] for i in good]))
-                except Exception as exc:  # noqa: BLE001 - a failing batch: every cloud in it gets the error
+                except Exception as exc:  # noqa: BLE001 - a failing batch: its clouds one by one, each failing one gets its error
+                    parts, ok = [], []
                     for i in good:
-                        items[i] = f"{chunk[i]}: inference failed: {type(exc).__name__}: {str(exc)[:300]}"
-                    good = []
+                        try:
+                            if len(good) == 1:
+                                raise exc
+                            parts.append(runner(stack_inputs([items[i]])))
+                            ok.append(i)
+                        except Exception as one:  # noqa: BLE001
+                            items[i] = f"{chunk[i]}: inference failed: {type(one).__name__}: {str(one)[:300]}"
+                    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+                    good = ok
             where = {i: j for j, i in enumerate(good)}
             rows = []
             for i, path in enumerate(chunk):

@@ -364,3 +364,27 @@ def test_tiny_model_overfits_neu_det(shared_data) -> None:
         r = metric.compute()
         print({k: round(v, 3) for k, v in r.items() if not k.startswith("ap")})
         assert r["map_50"] > 0.5  # the training images' own boxes come back from the decoder
+
+
+def test_box_map_extra_iou_threshold_counts_a_loose_box() -> None:
+    """A box overlapping its target at IoU 0.4 is a hit at 0.33 (DeepPCB's criterion), a miss at 0.5."""
+    from lineside.fusion.detection_metrics import BoxMeanAP, coco_backend
+
+    try:
+        coco_backend()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    with pytest.raises(ValueError, match="IoU"):
+        BoxMeanAP(["a"], extra_iou_thresholds=(1.5,))
+    metric = BoxMeanAP(["a"], extra_iou_thresholds=(0.33,))
+    target = torch.tensor([[[0.0, 0.0, 10.0, 10.0]]])
+    # [0, 0, 10, 4] inside the 10x10 target: IoU 40 / 100 = 0.4
+    pred = torch.tensor([[[0.0, 0.0, 10.0, 4.0]]])
+    metric.update(pred, torch.tensor([[0.9]]), torch.tensor([[0]]), target, torch.tensor([[0]]), torch.tensor([[True]]))
+    r = metric.compute()
+    assert r["map_50"] == pytest.approx(0.0)
+    assert r["map_33"] == pytest.approx(1.0) and r["ap_33/a"] == pytest.approx(1.0)
+    metric.reset()
+    far = torch.tensor([[[20.0, 20.0, 30.0, 30.0]]])
+    metric.update(far, torch.tensor([[0.9]]), torch.tensor([[0]]), target, torch.tensor([[0]]), torch.tensor([[True]]))
+    assert metric.compute()["map_33"] == pytest.approx(0.0)

@@ -59,7 +59,8 @@ class DetectionMetrics(nn.Module):
         super().__init__()
         from lineside.fusion.detection_metrics import BoxMeanAP, PixelAUROC  # COCO backend: only where metrics are kept
 
-        self.box_map = BoxMeanAP([], max_detections=max_detections)
+        # + AP at IoU 0.33 (``map_33``): the DeepPCB benchmark's own criterion, beside COCO's 0.5 and 0.5:0.95
+        self.box_map = BoxMeanAP([], max_detections=max_detections, extra_iou_thresholds=(0.33,))
         self.pixel_auroc = PixelAUROC()
         self.images = 0
 
@@ -104,6 +105,8 @@ class LocalizationTask(Task):
     @property
     def stride(self) -> float:
         """Model-input pixels per cell of the head's grid."""
+        if hasattr(self.head, "grid_stride"):  # CenterNet head: its level's, or the finest encoder map's (multi-scale)
+            return self.head.grid_stride(self.model.image_encoder)
         return float(self.model.image_encoder.strides[self.head.level_index])
 
     def label_names(self) -> list[str]:

@@ -38,7 +38,7 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lineside score", description="Score images with a lineside model; resumable, one row per input.")
     add_model_arg(ap, help="checkpoint (lineside fit / crossval's ensemble.ckpt) or exported artefact (.onnx, .pt2, .engine, "
-                  "export folder)")
+                  "export folder), or a grasp ranker file (GraspRanker.save) for point clouds")
     ap.add_argument("--input", required=True, help="folder (recursive), glob (quote it) or CSV manifest with a 'path' column (and 'label' to evaluate)")
     add_out_arg(ap, help="results .csv or .parquet (resumed if it exists)")
     ap.add_argument("--overlays", default=None, help="folder for PNG overlays (image with the heatmap blended in, or a segmentation model's defect classes in colour, boxes, grade and confidence)")
