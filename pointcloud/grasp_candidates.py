@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .grasp_dataset import PAD_EXTENT_MARGIN, VOXEL_EDGE, _pad_extent
+from .grasp_dataset import PAD_EXTENT_MARGIN, VOXEL_EDGE, _pad_extent, antipodal_partners, camera_approach
 from .grasp_labels import (
     GRASP_DIM,
     STRICT_CLEARANCE,
@@ -164,27 +164,17 @@ def _antipodal(pts, nrm, tree, rng, cfg: CandidateConfig, gripper: ParallelJawGr
     cos_cone = np.cos(np.arctan(cfg.mu))
     out = []
     for i in rng.choice(len(pts), min(cfg.num_antipodal_seeds, len(pts)), replace=False):
-        nbr = np.asarray(tree.query_ball_point(pts[i], gripper.max_width), np.int64)
-        nbr = nbr[nbr != i]
-        if len(nbr) == 0:
+        found = antipodal_partners(pts, nrm, tree, int(i), cos_cone, gripper)
+        if found is None:
             continue
-        d = pts[nbr] - pts[i]
-        w = np.linalg.norm(d, axis=1)
-        c = d / np.maximum(w[:, None], 1e-12)
-        ci, cj = np.abs(c @ nrm[i]), np.abs((c * nrm[nbr]).sum(1))
-        good = (ci >= cos_cone) & (cj >= cos_cone) & (w >= max(gripper.min_width, 0.002))
-        if not good.any():
-            continue
-        s = np.where(good, np.minimum(ci, cj), -1.0)
+        nbr, w, c, s = found
         for j in np.argsort(-s)[: cfg.pairs_per_seed]:
             if s[j] < 0:
                 break
             centre = (pts[i] + pts[nbr[j]]) / 2
-            a = centre / max(np.linalg.norm(centre), 1e-9)
-            a = a - (a @ c[j]) * c[j]
-            if np.linalg.norm(a) < 1e-6:
+            a = camera_approach(centre, c[j])
+            if a is None:
                 continue
-            a = a / np.linalg.norm(a)
             for tilt in (0.0, *cfg.approach_tilts):
                 at = _unit(_rotate(a, c[j], tilt))
                 pos, width = _pad_extent(pts, tree, centre, at, c[j], w[j], w[j] / 2 + PAD_EXTENT_MARGIN, gripper)

@@ -567,6 +567,37 @@ def _pad_extent(pts: np.ndarray, tree: cKDTree, centre: np.ndarray, approach: np
     return c + (hi + lo) / 2 * x, hi - lo + VOXEL_EDGE
 
 
+def antipodal_partners(pts: np.ndarray, nrm: np.ndarray, tree: cKDTree, i: int, cos_cone: float,
+                       gripper: ParallelJawGripper) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The points within the jaw span of seed ``i`` that form an antipodal pair with it.
+
+    Returns ``(nbr, w, c, s)``: neighbour indices, pair widths, unit closing directions (seed → neighbour)
+    and the pair score ``min(|c·n_i|, |c·n_j|)``, -1 where the pair leaves either friction cone (``cos_cone``)
+    or is narrower than the gripper's minimum width (2 mm at least); None where no pair qualifies.
+    """
+    nbr = np.asarray(tree.query_ball_point(pts[i], gripper.max_width), np.int64)
+    nbr = nbr[nbr != i]
+    if len(nbr) == 0:
+        return None
+    d = pts[nbr] - pts[i]
+    w = np.linalg.norm(d, axis=1)
+    c = d / np.maximum(w[:, None], 1e-12)
+    ci, cj = np.abs(c @ nrm[i]), np.abs((c * nrm[nbr]).sum(1))
+    good = (ci >= cos_cone) & (cj >= cos_cone) & (w >= max(gripper.min_width, 0.002))
+    if not good.any():
+        return None
+    return nbr, w, c, np.where(good, np.minimum(ci, cj), -1.0)
+
+
+def camera_approach(centre: np.ndarray, closing: np.ndarray) -> np.ndarray | None:
+    """Unit approach from the camera (sensor origin) toward ``centre``, made orthogonal to ``closing``;
+    None where the two are parallel."""
+    a = centre / max(np.linalg.norm(centre), 1e-9)
+    a = a - (a @ closing) * closing
+    n = np.linalg.norm(a)
+    return None if n < 1e-6 else a / n
+
+
 def analytic_grasp_baseline(
     points: np.ndarray,
     normals: np.ndarray,
@@ -604,25 +635,16 @@ def analytic_grasp_baseline(
     seeds = rng.choice(len(pts), min(num_candidates, len(pts)), replace=False)
     cands = []
     for i in seeds:
-        nbr = np.asarray(tree.query_ball_point(pts[i], gripper.max_width), np.int64)
-        nbr = nbr[nbr != i]
-        if len(nbr) == 0:
+        found = antipodal_partners(pts, nrm, tree, int(i), cos_cone, gripper)
+        if found is None:
             continue
-        d = pts[nbr] - pts[i]
-        w = np.linalg.norm(d, axis=1)
-        c = d / np.maximum(w[:, None], 1e-12)
-        ci, cj = np.abs(c @ nrm[i]), np.abs((c * nrm[nbr]).sum(1))
-        good = (ci >= cos_cone) & (cj >= cos_cone) & (w >= max(gripper.min_width, 0.002))
-        if not good.any():
-            continue
-        s = np.minimum(ci, cj)
-        j = int(np.argmax(np.where(good, s, -1)))
+        nbr, w, c, s = found
+        j = int(np.argmax(s))
         centre = (pts[i] + pts[nbr[j]]) / 2
-        a = centre / max(np.linalg.norm(centre), 1e-9)
-        a = a - (a @ c[j]) * c[j]
-        if np.linalg.norm(a) < 1e-6:
+        a = camera_approach(centre, c[j])
+        if a is None:
             continue
-        cands.append((s[j], centre, a / np.linalg.norm(a), c[j], w[j]))
+        cands.append((s[j], centre, a, c[j], w[j]))
     grasps = _best_after_nms(cands, k, nms_radius)
     for g in grasps:  # the pads' contact distance the cloud shows around each kept pair
         g[0:3], g[9] = _pad_extent(pts, tree, g[0:3], g[3:6], g[6:9], g[9], g[9] / 2 + PAD_EXTENT_MARGIN, gripper)
