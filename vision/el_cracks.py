@@ -185,15 +185,22 @@ class ElCracksDataset(Dataset):
         mask = read_mask(r.mask)
         if mask.shape != image.shape[:2]:
             raise ImageReadError(f"{r.mask}: mask {mask.shape} differs from its image {r.path} {image.shape[:2]}")
-        if self.transform is not None:
-            t = self.transform(image=image, mask=mask)
-            img, m = t["image"], t["mask"]
-        else:
-            img, m = torch.from_numpy(image).permute(2, 0, 1), mask
-        img = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        m = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
-        return {"image": img.contiguous(), "seg_mask": m.to(torch.int64), "has_seg": torch.tensor(True),
-                "grade": torch.tensor(-1, dtype=torch.int64), "path": r.path}
+        return segmentation_sample(image, mask, self.transform, r.path)
+
+
+def segmentation_sample(image: np.ndarray, mask: np.ndarray, transform: Callable | None, path: str) -> dict:
+    """One segmentation sample: ``image`` (H, W, C) uint8 and its class-index ``mask`` (H, W) through
+    ``transform`` (albumentations-style ``image=, mask=``) → ``image`` (C, H, W), ``seg_mask`` int64,
+    ``has_seg`` True, ``grade`` -1, ``path``."""
+    if transform is not None:
+        t = transform(image=image, mask=mask)
+        img, m = t["image"], t["mask"]
+    else:
+        img, m = torch.from_numpy(image).permute(2, 0, 1), mask
+    img = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    m = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
+    return {"image": img.contiguous(), "seg_mask": m.to(torch.int64), "has_seg": torch.tensor(True),
+            "grade": torch.tensor(-1, dtype=torch.int64), "path": path}
 
 
 def segmentation_collate(samples: Sequence[dict]) -> dict:

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from lineside.vision.box_records import DetectionFormatError, DetectionRecord, read_binary_mask
+from lineside.vision.el_cracks import segmentation_sample
 from lineside.vision.io import ImageReadError, read_image
 
 __all__ = ["RecordMaskDataset", "record_class_index"]
@@ -72,12 +72,4 @@ class RecordMaskDataset(Dataset):
         else:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
         mask = mask * np.uint8(record_class_index(r, self.class_names, self.binary))
-        if self.transform is not None:
-            t = self.transform(image=image, mask=mask)
-            img, m = t["image"], t["mask"]
-        else:
-            img, m = torch.from_numpy(image).permute(2, 0, 1), mask
-        img = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        m = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
-        return {"image": img.contiguous(), "seg_mask": m.to(torch.int64), "has_seg": torch.tensor(True),
-                "grade": torch.tensor(-1, dtype=torch.int64), "path": r.path}
+        return segmentation_sample(image, mask, self.transform, r.path)
